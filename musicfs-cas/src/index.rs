@@ -1,0 +1,392 @@
+//! The sled index: chunk records and file manifests.
+//!
+//! The chunk files are the truth; this index is a disposable cache of them
+//! that makes startup and lookups fast. So opening never fails because of
+//! the index's own state: a database sled cannot open, or whose records do
+//! not decode, is moved aside (`index.sled.broken-<unix-time>`) and a fresh
+//! one is built, and the store then re-adds every chunk file it finds. Only a
+//! database locked by another live process is an error, since moving that
+//! aside would corrupt the other process's cache.
+//!
+//! Records are decoded as untrusted bytes: a damaged record is a typed error
+//! and is dropped, never a panic.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use musicfs_origins::{OriginId, OriginPath};
+use tracing::{info, warn};
+
+use crate::manifest::Manifest;
+use crate::{CasError, ChunkId, Result};
+
+const CHUNKS: &str = "chunks";
+const MANIFESTS: &str = "manifests";
+
+/// What the index remembers of one chunk file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRecord {
+    pub size: u64,
+    /// Last access, nanoseconds since the Unix epoch (drives LRU eviction).
+    pub atime_ns: u64,
+}
+
+impl ChunkRecord {
+    pub fn encode(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.size.to_le_bytes());
+        b[8..].copy_from_slice(&self.atime_ns.to_le_bytes());
+        b
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let arr: [u8; 16] = bytes.try_into().map_err(|_| CasError::CorruptRecord {
+            what: "chunk",
+            reason: format!("{} bytes instead of 16", bytes.len()),
+        })?;
+        let mut size = [0u8; 8];
+        let mut atime = [0u8; 8];
+        size.copy_from_slice(&arr[..8]);
+        atime.copy_from_slice(&arr[8..]);
+        Ok(Self {
+            size: u64::from_le_bytes(size),
+            atime_ns: u64::from_le_bytes(atime),
+        })
+    }
+}
+
+/// How opening went: whether the index had to be rebuilt, and why.
+#[derive(Debug, Clone, Default)]
+pub struct IndexOpenReport {
+    pub rebuilt: bool,
+    pub reason: Option<String>,
+    pub moved_to: Option<PathBuf>,
+    /// True when no index could be created on disk and an in-memory one is
+    /// used instead (the cache disk is unusable).
+    pub in_memory: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Index {
+    db: sled::Db,
+    chunks: sled::Tree,
+    manifests: sled::Tree,
+}
+
+fn sled_err(e: sled::Error) -> CasError {
+    CasError::Index {
+        reason: e.to_string(),
+    }
+}
+
+impl Index {
+    /// Opens the index at `path`, healing it as described in the module docs.
+    pub fn open(path: &Path) -> Result<(Self, IndexOpenReport)> {
+        let mut report = IndexOpenReport::default();
+        match Self::try_open(path) {
+            Ok(index) => match index.validate() {
+                Ok(()) => return Ok((index, report)),
+                Err(reason) => {
+                    drop(index);
+                    report.reason = Some(reason);
+                }
+            },
+            Err(OpenFailure::Locked) => {
+                return Err(CasError::IndexLocked {
+                    path: path.to_owned(),
+                })
+            }
+            Err(OpenFailure::Other(reason)) => report.reason = Some(reason),
+        }
+        report.rebuilt = true;
+        let reason = report.reason.clone().unwrap_or_default();
+        if path.exists() {
+            let aside = path.with_file_name(format!("index.sled.broken-{}", unix_secs()));
+            match std::fs::rename(path, &aside) {
+                Ok(()) => report.moved_to = Some(aside),
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "cannot move the damaged index aside; removing it");
+                    let _ = std::fs::remove_dir_all(path);
+                }
+            }
+        }
+        warn!(path = %path.display(), %reason, moved_to = ?report.moved_to, "cache index was unusable; rebuilding it from the chunk files");
+        match Self::try_open(path) {
+            Ok(index) => Ok((index, report)),
+            Err(e) => {
+                let why = match e {
+                    OpenFailure::Locked => "locked".to_owned(),
+                    OpenFailure::Other(r) => r,
+                };
+                warn!(path = %path.display(), error = %why, "cannot create an index on the cache disk; keeping it in memory");
+                report.in_memory = true;
+                Ok((Self::temporary()?, report))
+            }
+        }
+    }
+
+    /// An index that lives only as long as the process (for a dead cache
+    /// disk, and for tests).
+    pub fn temporary() -> Result<Self> {
+        let db = sled::Config::new()
+            .temporary(true)
+            .cache_capacity(16 << 20)
+            .open()
+            .map_err(sled_err)?;
+        Self::from_db(db).map_err(|r| CasError::Index { reason: r })
+    }
+
+    fn try_open(path: &Path) -> std::result::Result<Self, OpenFailure> {
+        let config = sled::Config::new()
+            .path(path)
+            .cache_capacity(32 << 20)
+            .flush_every_ms(Some(1000));
+        // sled has been seen to panic on some damaged databases; a damaged
+        // index must never take the daemon down, so a panic counts as damage.
+        let opened = catch_unwind(AssertUnwindSafe(|| config.open()));
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(e)) => {
+                let msg = e.to_string();
+                if let sled::Error::Io(io) = &e {
+                    if io.kind() == std::io::ErrorKind::WouldBlock || msg.contains("lock") {
+                        return Err(OpenFailure::Locked);
+                    }
+                }
+                return Err(OpenFailure::Other(format!("sled could not open it: {msg}")));
+            }
+            Err(_) => return Err(OpenFailure::Other("sled panicked while opening it".into())),
+        };
+        Self::from_db(db).map_err(OpenFailure::Other)
+    }
+
+    fn from_db(db: sled::Db) -> std::result::Result<Self, String> {
+        let chunks = db.open_tree(CHUNKS).map_err(|e| e.to_string())?;
+        let manifests = db.open_tree(MANIFESTS).map_err(|e| e.to_string())?;
+        Ok(Self { db, chunks, manifests })
+    }
+
+    /// Every record must decode; one that does not means the database was
+    /// damaged in ways sled did not notice.
+    fn validate(&self) -> std::result::Result<(), String> {
+        let check = || -> std::result::Result<(), String> {
+            for item in self.chunks.iter() {
+                let (k, v) = item.map_err(|e| e.to_string())?;
+                if k.len() != 32 {
+                    return Err(format!("chunk key of {} bytes", k.len()));
+                }
+                ChunkRecord::decode(&v).map_err(|e| e.to_string())?;
+            }
+            for item in self.manifests.iter() {
+                let (k, v) = item.map_err(|e| e.to_string())?;
+                decode_manifest_key(&k).ok_or("undecodable manifest key")?;
+                Manifest::decode(&v).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        };
+        match catch_unwind(AssertUnwindSafe(check)) {
+            Ok(r) => r,
+            Err(_) => Err("sled panicked while reading it".into()),
+        }
+    }
+
+    pub fn put_chunk(&self, id: &ChunkId, rec: ChunkRecord) -> Result<()> {
+        self.chunks.insert(id.as_bytes(), &rec.encode()[..]).map_err(sled_err)?;
+        Ok(())
+    }
+
+    pub fn remove_chunk(&self, id: &ChunkId) -> Result<()> {
+        self.chunks.remove(id.as_bytes()).map_err(sled_err)?;
+        Ok(())
+    }
+
+    /// All chunk records; undecodable ones are skipped (the store re-adds the
+    /// files they stood for).
+    pub fn chunk_records(&self) -> Result<Vec<(ChunkId, ChunkRecord)>> {
+        let mut out = Vec::with_capacity(self.chunks.len());
+        for item in self.chunks.iter() {
+            let (k, v) = item.map_err(sled_err)?;
+            let Ok(key) = <[u8; 32]>::try_from(&k[..]) else { continue };
+            if let Ok(rec) = ChunkRecord::decode(&v) {
+                out.push((ChunkId::from_bytes(key), rec));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// The manifest of a file, if one is stored and decodes. A damaged one is
+    /// dropped (it is only a cache) and `None` returned.
+    pub fn manifest(&self, origin: &OriginId, path: &OriginPath) -> Result<Option<Manifest>> {
+        let key = manifest_key(origin, path);
+        let Some(bytes) = self.manifests.get(&key).map_err(sled_err)? else {
+            return Ok(None);
+        };
+        match Manifest::decode(&bytes) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) => {
+                warn!(%origin, %path, error = %e, "dropping a damaged manifest; the file will be fetched again");
+                self.manifests.remove(&key).map_err(sled_err)?;
+                Ok(None)
+            }
+        }
+    }
+
+    pub fn put_manifest(&self, origin: &OriginId, path: &OriginPath, m: &Manifest) -> Result<()> {
+        self.manifests
+            .insert(manifest_key(origin, path), m.encode())
+            .map_err(sled_err)?;
+        Ok(())
+    }
+
+    pub fn remove_manifest(&self, origin: &OriginId, path: &OriginPath) -> Result<()> {
+        self.manifests.remove(manifest_key(origin, path)).map_err(sled_err)?;
+        Ok(())
+    }
+
+    /// Every manifest with its origin and path. Entries that do not decode
+    /// come back as errors so `verify` can report them.
+    pub fn manifests(&self) -> Result<Vec<ManifestEntry>> {
+        let mut out = Vec::new();
+        for item in self.manifests.iter() {
+            let (k, v) = item.map_err(sled_err)?;
+            let key = decode_manifest_key(&k);
+            let manifest = Manifest::decode(&v);
+            out.push(ManifestEntry {
+                raw_key: k.to_vec(),
+                key,
+                manifest,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn remove_manifest_raw(&self, raw_key: &[u8]) -> Result<()> {
+        self.manifests.remove(raw_key).map_err(sled_err)?;
+        Ok(())
+    }
+
+    pub fn manifest_count(&self) -> usize {
+        self.manifests.len()
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush().map_err(sled_err)?;
+        Ok(())
+    }
+}
+
+/// One stored manifest as `verify` sees it.
+#[derive(Debug)]
+pub struct ManifestEntry {
+    pub raw_key: Vec<u8>,
+    pub key: Option<(OriginId, OriginPath)>,
+    pub manifest: Result<Manifest>,
+}
+
+enum OpenFailure {
+    Locked,
+    Other(String),
+}
+
+fn manifest_key(origin: &OriginId, path: &OriginPath) -> Vec<u8> {
+    let mut k = Vec::with_capacity(origin.as_str().len() + 1 + path.as_str().len());
+    k.extend_from_slice(origin.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(path.as_str().as_bytes());
+    k
+}
+
+fn decode_manifest_key(k: &[u8]) -> Option<(OriginId, OriginPath)> {
+    let split = k.iter().position(|&b| b == 0)?;
+    let origin = std::str::from_utf8(&k[..split]).ok()?;
+    let path = std::str::from_utf8(&k[split + 1..]).ok()?;
+    Some((OriginId::new(origin).ok()?, OriginPath::new(path).ok()?))
+}
+
+pub(crate) fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub(crate) fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn log_rebuild(report: &IndexOpenReport) {
+    if report.rebuilt {
+        info!(reason = ?report.reason, moved_to = ?report.moved_to, "index rebuilt");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{ChunkRef, FileVersion};
+
+    #[test]
+    fn records_round_trip() {
+        let r = ChunkRecord { size: 7, atime_ns: 9 };
+        assert_eq!(ChunkRecord::decode(&r.encode()).unwrap(), r);
+        assert!(ChunkRecord::decode(&[1, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn manifests_persist_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sled");
+        let o = OriginId::new("lib").unwrap();
+        let p = OriginPath::new("Sigur Rós/01 - ágætis.flac").unwrap();
+        let mut m = Manifest::new(FileVersion { size: 5, mtime_ns: Some(1), etag: None });
+        m.push(ChunkRef { id: ChunkId::of(b"abcde"), len: 5 }).unwrap();
+        {
+            let (idx, report) = Index::open(&path).unwrap();
+            assert!(!report.rebuilt);
+            idx.put_manifest(&o, &p, &m).unwrap();
+            idx.flush().unwrap();
+        }
+        let (idx, report) = Index::open(&path).unwrap();
+        assert!(!report.rebuilt);
+        assert_eq!(idx.manifest(&o, &p).unwrap(), Some(m));
+        let all = idx.manifests().unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].key.as_ref().unwrap().1, p);
+    }
+
+    #[test]
+    fn garbage_index_is_moved_aside_and_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sled");
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::write(path.join("conf"), b"\xff\x00 not a sled config").unwrap();
+        std::fs::write(path.join("db"), vec![0xA5u8; 10_000]).unwrap();
+        let (idx, report) = Index::open(&path).unwrap();
+        assert!(report.rebuilt, "{report:?}");
+        assert!(report.moved_to.as_ref().unwrap().exists());
+        assert_eq!(idx.chunk_count(), 0);
+        idx.put_chunk(&ChunkId::of(b"x"), ChunkRecord { size: 1, atime_ns: 1 }).unwrap();
+    }
+
+    #[test]
+    fn damaged_records_trigger_a_rebuild() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sled");
+        {
+            let (idx, _) = Index::open(&path).unwrap();
+            idx.chunks.insert(b"short key", b"xx".to_vec()).unwrap();
+            idx.flush().unwrap();
+        }
+        let (idx, report) = Index::open(&path).unwrap();
+        assert!(report.rebuilt);
+        assert_eq!(idx.chunk_count(), 0);
+    }
+}

@@ -1,0 +1,281 @@
+//! `verify`: check everything the cache holds, and optionally repair it.
+//!
+//! Like `rustic check`, verify never stops at the first problem: it collects
+//! every [`Finding`] with the fix for it. With `repair`, each fix is applied
+//! and recorded, so that a second verify over the same cache is clean:
+//! - a corrupt chunk file (bytes not hashing to its name, truncated, empty)
+//!   is removed;
+//! - an index record without a chunk file is dropped, a chunk file without a
+//!   record gets one;
+//! - a manifest that does not decode is dropped;
+//! - a manifest chunk that is absent is re-fetched from the origin by its
+//!   byte range and checked against its name; when that cannot be done (no
+//!   such origin configured, origin down, file changed) the manifest is
+//!   dropped so the file is simply fetched again on its next read.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::path::Path;
+
+use musicfs_origins::{OriginId, OriginPath};
+use tracing::info;
+
+use crate::cache::Cache;
+use crate::index::now_ns;
+use crate::manifest::Manifest;
+use crate::{ChunkId, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FindingKind {
+    CorruptChunk,
+    RecordWithoutFile,
+    FileWithoutRecord,
+    DamagedManifest,
+    MissingChunk,
+}
+
+impl fmt::Display for FindingKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FindingKind::CorruptChunk => "corrupt chunk",
+            FindingKind::RecordWithoutFile => "orphaned index record",
+            FindingKind::FileWithoutRecord => "unindexed chunk",
+            FindingKind::DamagedManifest => "damaged manifest",
+            FindingKind::MissingChunk => "missing chunk",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub kind: FindingKind,
+    /// The chunk or file concerned.
+    pub subject: String,
+    pub detail: String,
+    /// What repair does (or did) about it.
+    pub fix: String,
+    pub repaired: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    pub chunks_checked: u64,
+    pub bytes_checked: u64,
+    pub manifests_checked: u64,
+    pub findings: Vec<Finding>,
+}
+
+impl VerifyReport {
+    /// True when nothing is wrong, or everything found was repaired.
+    pub fn is_clean(&self) -> bool {
+        self.findings.iter().all(|f| f.repaired)
+    }
+
+    pub fn unrepaired(&self) -> impl Iterator<Item = &Finding> {
+        self.findings.iter().filter(|f| !f.repaired)
+    }
+}
+
+pub(crate) async fn run(cache: &Cache, repair: bool) -> Result<VerifyReport> {
+    let store = cache.store().clone();
+    let index = cache.index().clone();
+    let mut report = VerifyReport::default();
+
+    // 1. Every chunk file on disk, hashed.
+    let chunks_dir = store.chunks_dir().to_owned();
+    let on_disk = tokio::task::spawn_blocking(move || list_chunk_files(&chunks_dir))
+        .await
+        .unwrap_or_default();
+    let mut present: HashSet<ChunkId> = HashSet::new();
+    for (id, path) in &on_disk {
+        let p = path.clone();
+        let bytes = tokio::task::spawn_blocking(move || std::fs::read(p)).await;
+        let data = match bytes {
+            Ok(Ok(d)) => d,
+            _ => continue,
+        };
+        report.chunks_checked += 1;
+        report.bytes_checked += data.len() as u64;
+        let actual = ChunkId::of(&data);
+        if actual == *id {
+            present.insert(*id);
+            continue;
+        }
+        if repair {
+            store.remove(*id).await?;
+        }
+        report.findings.push(Finding {
+            kind: FindingKind::CorruptChunk,
+            subject: id.to_hex(),
+            detail: format!("{} bytes hashing to {actual}", data.len()),
+            fix: "remove the file; it is fetched again when needed".into(),
+            repaired: repair,
+        });
+    }
+
+    // 2. Index records against files.
+    let records = index.chunk_records()?;
+    let recorded: HashSet<ChunkId> = records.iter().map(|(id, _)| *id).collect();
+    for (id, _) in &records {
+        if !on_disk.contains_key(id) {
+            if repair {
+                index.remove_chunk(id)?;
+            }
+            report.findings.push(Finding {
+                kind: FindingKind::RecordWithoutFile,
+                subject: id.to_hex(),
+                detail: "the index lists a chunk whose file is gone".into(),
+                fix: "drop the index record".into(),
+                repaired: repair,
+            });
+        }
+    }
+    for id in &present {
+        if !recorded.contains(id) {
+            if repair {
+                let size = std::fs::metadata(store.chunk_path(id)).map(|m| m.len()).unwrap_or(0);
+                index.put_chunk(id, crate::index::ChunkRecord { size, atime_ns: now_ns() })?;
+            }
+            report.findings.push(Finding {
+                kind: FindingKind::FileWithoutRecord,
+                subject: id.to_hex(),
+                detail: "a valid chunk file has no index record".into(),
+                fix: "add the index record".into(),
+                repaired: repair,
+            });
+        }
+    }
+
+    // 3. Manifests: decodable, and every chunk present.
+    for entry in index.manifests()? {
+        report.manifests_checked += 1;
+        let (key, manifest) = match (entry.key, entry.manifest) {
+            (Some(k), Ok(m)) => (k, m),
+            (key, m) => {
+                if repair {
+                    index.remove_manifest_raw(&entry.raw_key)?;
+                }
+                let subject = key.map_or_else(
+                    || String::from_utf8_lossy(&entry.raw_key).into_owned(),
+                    |(o, p)| format!("{o}:{p}"),
+                );
+                report.findings.push(Finding {
+                    kind: FindingKind::DamagedManifest,
+                    subject,
+                    detail: m.err().map_or_else(|| "undecodable key".into(), |e| e.to_string()),
+                    fix: "drop the manifest; the file is fetched again on its next read".into(),
+                    repaired: repair,
+                });
+                continue;
+            }
+        };
+        check_manifest(cache, &key, &manifest, &present, repair, &mut report).await?;
+    }
+    if repair {
+        store.flush().await?;
+    }
+    info!(
+        chunks = report.chunks_checked,
+        manifests = report.manifests_checked,
+        findings = report.findings.len(),
+        repair,
+        "verify finished"
+    );
+    Ok(report)
+}
+
+async fn check_manifest(
+    cache: &Cache,
+    (origin_id, path): &(OriginId, OriginPath),
+    manifest: &Manifest,
+    present: &HashSet<ChunkId>,
+    repair: bool,
+    report: &mut VerifyReport,
+) -> Result<()> {
+    let mut start = 0u64;
+    let mut missing = Vec::new();
+    for c in manifest.chunks() {
+        if !present.contains(&c.id) && !cache.store().contains(&c.id) {
+            missing.push((start, *c));
+        }
+        start += u64::from(c.len);
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let origin = cache.origin(origin_id);
+    let mut dropped = false;
+    for (start, chunk) in missing {
+        let mut fix = "re-fetch the chunk's byte range from the origin".to_owned();
+        let mut repaired = false;
+        if repair && !dropped {
+            let refetched = match &origin {
+                Some(o) => cache.refetch_chunk(o, path, &manifest.version, start, chunk).await.map(|_| ()),
+                None => Err(crate::CasError::UnknownOrigin { origin: origin_id.clone() }),
+            };
+            match refetched {
+                Ok(()) => repaired = true,
+                Err(e) => {
+                    cache.index().remove_manifest(origin_id, path)?;
+                    dropped = true;
+                    fix = format!("re-fetch failed ({e}); dropped the manifest so the file is fetched again on its next read");
+                }
+            }
+        }
+        if dropped {
+            repaired = true;
+            if !fix.starts_with("re-fetch failed") {
+                fix = "covered by dropping the file's manifest".into();
+            }
+        }
+        report.findings.push(Finding {
+            kind: FindingKind::MissingChunk,
+            subject: format!("{origin_id}:{path}"),
+            detail: format!("chunk {} at offset {start} ({} bytes) is not in the cache", chunk.id, chunk.len),
+            fix,
+            repaired,
+        });
+    }
+    Ok(())
+}
+
+/// Chunk files in the shard tree by id (names that are not chunk ids are
+/// the store's business at open, not verify's).
+fn list_chunk_files(dir: &Path) -> HashMap<ChunkId, std::path::PathBuf> {
+    let mut out = HashMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(p),
+                Ok(t) if t.is_file() => {
+                    if let Some(id) = e.file_name().to_str().and_then(ChunkId::from_hex) {
+                        out.insert(id, p);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+impl fmt::Display for VerifyReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "checked {} chunks ({} bytes) and {} manifests: {} findings",
+            self.chunks_checked,
+            self.bytes_checked,
+            self.manifests_checked,
+            self.findings.len()
+        )?;
+        for x in &self.findings {
+            let state = if x.repaired { "repaired" } else { "fix" };
+            writeln!(f, "  {}: {} — {}; {state}: {}", x.kind, x.subject, x.detail, x.fix)?;
+        }
+        Ok(())
+    }
+}

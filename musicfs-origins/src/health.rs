@@ -1,0 +1,586 @@
+//! Health monitoring: which origins answer right now.
+//!
+//! Layer: beside the origins, above them. The monitor probes each origin's
+//! [`Origin::health`] and keeps the latest answer so upper layers (the
+//! filesystem, status output) can decide quickly whether to wait for an
+//! origin or serve from cache.
+//!
+//! Invariants:
+//! - A check never takes longer than the monitor's timeout: a probe that does
+//!   not answer in time is abandoned and counts as unhealthy.
+//! - A hung origin never delays another origin's check: [`HealthMonitor::check_all`]
+//!   runs every probe concurrently, so it takes about as long as the slowest
+//!   single check (at most the timeout), never the sum.
+//! - Health probes are never retried here or in [`crate::retry`]: a probe
+//!   answers "right now", and the next periodic check is the retry.
+//! - Times come from tokio's clock (latencies from `tokio::time::Instant`;
+//!   `since`/`last_checked` are wall times derived from it), so they advance
+//!   with paused test time and never jump with wall-clock adjustments.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
+
+use futures::future::join_all;
+use parking_lot::RwLock;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::{DynOrigin, OriginError, OriginId};
+
+/// What the monitor last concluded about an origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HealthState {
+    /// Not checked yet.
+    Unknown,
+    Healthy,
+    Unhealthy,
+}
+
+/// The latest health of one origin.
+#[derive(Debug, Clone)]
+pub struct OriginHealth {
+    pub state: HealthState,
+    /// How long the most recent check took; for a timed-out check, the
+    /// timeout.
+    pub last_latency: Option<Duration>,
+    /// The error of the most recent check; `None` once a check succeeds.
+    pub last_error: Option<String>,
+    /// When `state` last changed (or when the origin was added).
+    pub since: SystemTime,
+    /// When the most recent check finished.
+    pub last_checked: Option<SystemTime>,
+    /// Failed checks in a row; 0 after a success.
+    pub consecutive_failures: u32,
+}
+
+impl OriginHealth {
+    fn unknown(since: SystemTime) -> Self {
+        OriginHealth {
+            state: HealthState::Unknown,
+            last_latency: None,
+            last_error: None,
+            since,
+            last_checked: None,
+            consecutive_failures: 0,
+        }
+    }
+}
+
+/// Wall time that advances with tokio's clock: stable under wall-clock
+/// adjustments, and deterministic when tests pause time.
+#[derive(Debug)]
+struct Clock {
+    wall: SystemTime,
+    mono: Instant,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Clock {
+            wall: SystemTime::now(),
+            mono: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> SystemTime {
+        self.wall + Instant::now().saturating_duration_since(self.mono)
+    }
+}
+
+/// Periodically probes a set of origins and remembers their health.
+#[derive(Debug)]
+pub struct HealthMonitor {
+    timeout: Duration,
+    clock: Clock,
+    origins: RwLock<Vec<DynOrigin>>,
+    statuses: RwLock<HashMap<OriginId, OriginHealth>>,
+}
+
+impl HealthMonitor {
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// A monitor whose checks each give up after `timeout`.
+    pub fn new(timeout: Duration) -> Self {
+        HealthMonitor {
+            timeout,
+            clock: Clock::new(),
+            origins: RwLock::new(Vec::new()),
+            statuses: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Starts monitoring `origin`; its state is `Unknown` until checked. An
+    /// origin with the same id replaces the old one and starts over as
+    /// `Unknown`, since the old answers were about a different origin.
+    pub fn add(&self, origin: DynOrigin) {
+        let id = origin.id().clone();
+        {
+            let mut origins = self.origins.write();
+            match origins.iter_mut().find(|o| o.id() == &id) {
+                Some(slot) => *slot = origin,
+                None => origins.push(origin),
+            }
+        }
+        self.statuses
+            .write()
+            .insert(id, OriginHealth::unknown(self.clock.now()));
+    }
+
+    pub fn origins(&self) -> Vec<DynOrigin> {
+        self.origins.read().clone()
+    }
+
+    /// Probes one origin, bounded by the monitor's timeout, and records the
+    /// result (also for an origin that was never added).
+    pub async fn check_one(&self, origin: &DynOrigin) -> OriginHealth {
+        let id = origin.id();
+        let start = Instant::now();
+        let outcome = tokio::time::timeout(self.timeout, origin.health()).await;
+        let latency = start.elapsed();
+        let error = match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(err)) => Some(err.to_string()),
+            Err(_elapsed) => Some(
+                OriginError::Timeout {
+                    origin: id.clone(),
+                    timeout: self.timeout,
+                }
+                .to_string(),
+            ),
+        };
+        self.record(id, latency, error)
+    }
+
+    /// Probes every origin concurrently; returns the results sorted by id.
+    pub async fn check_all(&self) -> Vec<(OriginId, OriginHealth)> {
+        // Snapshot so no lock is held across the probes.
+        let origins = self.origins();
+        let mut results = join_all(
+            origins
+                .iter()
+                .map(|origin| async move { (origin.id().clone(), self.check_one(origin).await) }),
+        )
+        .await;
+        results.sort_by(|a, b| a.0.cmp(&b.0));
+        results
+    }
+
+    pub fn status(&self, id: &OriginId) -> Option<OriginHealth> {
+        self.statuses.read().get(id).cloned()
+    }
+
+    /// Every known origin's health, sorted by id.
+    pub fn statuses(&self) -> Vec<(OriginId, OriginHealth)> {
+        let mut all: Vec<_> = self
+            .statuses
+            .read()
+            .iter()
+            .map(|(id, health)| (id.clone(), health.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// True only when the last check succeeded; `Unknown` is not healthy.
+    pub fn is_healthy(&self, id: &OriginId) -> bool {
+        self.statuses
+            .read()
+            .get(id)
+            .is_some_and(|h| h.state == HealthState::Healthy)
+    }
+
+    /// Runs [`check_all`](Self::check_all) now and then every `interval`
+    /// (at least 1 ms) until the returned task is dropped or stopped, or the
+    /// monitor itself is dropped. A slow round delays the next one instead of
+    /// piling rounds up.
+    pub fn spawn(self: &Arc<Self>, interval: Duration) -> MonitorTask {
+        let monitor: Weak<Self> = Arc::downgrade(self);
+        // tokio::time::interval panics on a zero period.
+        let period = interval.max(Duration::from_millis(1));
+        let handle = tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(period);
+            ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                // Weak, so a forgotten task does not keep the monitor alive.
+                let Some(monitor) = monitor.upgrade() else {
+                    break;
+                };
+                monitor.check_all().await;
+            }
+        });
+        MonitorTask { handle }
+    }
+
+    fn record(&self, id: &OriginId, latency: Duration, error: Option<String>) -> OriginHealth {
+        let now = self.clock.now();
+        let new_state = match error {
+            None => HealthState::Healthy,
+            Some(_) => HealthState::Unhealthy,
+        };
+        let (previous, health) = {
+            let mut statuses = self.statuses.write();
+            let health = statuses
+                .entry(id.clone())
+                .or_insert_with(|| OriginHealth::unknown(now));
+            let previous = health.state;
+            if previous != new_state {
+                health.state = new_state;
+                health.since = now;
+            }
+            health.last_latency = Some(latency);
+            health.last_checked = Some(now);
+            health.consecutive_failures = match error {
+                None => 0,
+                Some(_) => health.consecutive_failures.saturating_add(1),
+            };
+            health.last_error = error;
+            (previous, health.clone())
+        };
+        match (previous, new_state) {
+            (HealthState::Unhealthy, HealthState::Unhealthy)
+            | (HealthState::Healthy, HealthState::Healthy) => {}
+            (_, HealthState::Unhealthy) => tracing::warn!(
+                origin = %id,
+                error = health.last_error.as_deref().unwrap_or_default(),
+                "origin became unhealthy; reads from it will fail or wait until it recovers"
+            ),
+            (HealthState::Unhealthy, _) => {
+                tracing::info!(origin = %id, ?latency, "origin recovered")
+            }
+            (_, _) => tracing::debug!(origin = %id, ?latency, "origin is healthy"),
+        }
+        health
+    }
+}
+
+/// The periodic check loop started by [`HealthMonitor::spawn`]; dropping it
+/// stops the loop.
+#[derive(Debug)]
+pub struct MonitorTask {
+    handle: JoinHandle<()>,
+}
+
+impl MonitorTask {
+    /// Stops the loop (same as dropping it).
+    pub fn stop(self) {
+        drop(self);
+    }
+
+    /// True once the loop has ended (its monitor was dropped).
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+}
+
+impl Drop for MonitorTask {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DirEntry, EntryMeta, Origin, OriginPath, Result};
+    use async_trait::async_trait;
+    use bytes::Bytes;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[derive(Debug, Clone)]
+    enum Mode {
+        Answer(Duration),
+        Hang,
+        Fail,
+    }
+
+    #[derive(Debug)]
+    struct Fake {
+        id: OriginId,
+        mode: parking_lot::Mutex<Mode>,
+        probes: AtomicU32,
+    }
+
+    impl Fake {
+        fn new(name: &str, mode: Mode) -> Arc<Fake> {
+            Arc::new(Fake {
+                id: OriginId::new(name).unwrap(),
+                mode: parking_lot::Mutex::new(mode),
+                probes: AtomicU32::new(0),
+            })
+        }
+
+        fn set(&self, mode: Mode) {
+            *self.mode.lock() = mode;
+        }
+
+        fn probes(&self) -> u32 {
+            self.probes.load(Ordering::SeqCst)
+        }
+
+        fn unavailable(&self) -> OriginError {
+            OriginError::Unavailable {
+                origin: self.id.clone(),
+                reason: "disk on fire".into(),
+            }
+        }
+    }
+
+    #[async_trait]
+    impl Origin for Fake {
+        fn id(&self) -> &OriginId {
+            &self.id
+        }
+        async fn list(&self, _: &OriginPath) -> Result<Vec<DirEntry>> {
+            Err(self.unavailable())
+        }
+        async fn stat(&self, _: &OriginPath) -> Result<EntryMeta> {
+            Err(self.unavailable())
+        }
+        async fn read_range(&self, _: &OriginPath, _: u64, _: u64) -> Result<Bytes> {
+            Err(self.unavailable())
+        }
+        async fn health(&self) -> Result<()> {
+            self.probes.fetch_add(1, Ordering::SeqCst);
+            let mode = self.mode.lock().clone();
+            match mode {
+                Mode::Answer(delay) => {
+                    tokio::time::sleep(delay).await;
+                    Ok(())
+                }
+                Mode::Hang => std::future::pending().await,
+                Mode::Fail => Err(self.unavailable()),
+            }
+        }
+    }
+
+    fn dyn_origin(fake: &Arc<Fake>) -> DynOrigin {
+        Arc::clone(fake) as DynOrigin
+    }
+
+    fn state(monitor: &HealthMonitor, fake: &Fake) -> HealthState {
+        monitor.status(&fake.id).unwrap().state
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Virtual elapsed time is exact up to the timer wheel's 1 ms resolution.
+    fn assert_about(took: Duration, expected: Duration) {
+        assert!(
+            took >= expected && took <= expected + 2 * MS,
+            "took {took:?}, expected about {expected:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn check_one_has_a_timeout() {
+        let monitor = HealthMonitor::new(Duration::from_secs(1));
+        for mode in [Mode::Answer(Duration::from_secs(60)), Mode::Hang] {
+            let fake = Fake::new("slow", mode);
+            let origin = dyn_origin(&fake);
+            monitor.add(Arc::clone(&origin));
+
+            let start = Instant::now();
+            let health = monitor.check_one(&origin).await;
+            assert_about(start.elapsed(), Duration::from_secs(1));
+            assert_eq!(health.state, HealthState::Unhealthy);
+            let error = health.last_error.unwrap();
+            assert!(error.contains("no answer within 1s"), "{error}");
+            assert_eq!(health.consecutive_failures, 1);
+            assert_about(health.last_latency.unwrap(), Duration::from_secs(1));
+            assert_eq!(state(&monitor, &fake), HealthState::Unhealthy);
+        }
+        assert_eq!(HealthMonitor::DEFAULT_TIMEOUT, Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn check_all_takes_the_slowest_check_not_the_sum() {
+        let monitor = HealthMonitor::new(HealthMonitor::DEFAULT_TIMEOUT);
+        let fakes: Vec<_> = ["a", "b", "c"]
+            .into_iter()
+            .map(|name| Fake::new(name, Mode::Answer(200 * MS)))
+            .collect();
+        for fake in &fakes {
+            monitor.add(dyn_origin(fake));
+        }
+        let start = Instant::now();
+        let results = monitor.check_all().await;
+        assert_about(start.elapsed(), 200 * MS);
+        assert_eq!(results.len(), 3);
+        for ((id, health), fake) in results.iter().zip(&fakes) {
+            assert_eq!(id, &fake.id);
+            assert_eq!(health.state, HealthState::Healthy);
+            assert_about(health.last_latency.unwrap(), 200 * MS);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hung_origin_does_not_delay_a_healthy_one() {
+        let monitor = Arc::new(HealthMonitor::new(HealthMonitor::DEFAULT_TIMEOUT));
+        // Added first, so a sequential implementation would wait on it first.
+        let hung = Fake::new("hung", Mode::Hang);
+        let fine = Fake::new("fine", Mode::Answer(10 * MS));
+        monitor.add(dyn_origin(&hung));
+        monitor.add(dyn_origin(&fine));
+
+        let start = Instant::now();
+        let round = tokio::spawn({
+            let monitor = Arc::clone(&monitor);
+            async move { monitor.check_all().await }
+        });
+        tokio::time::sleep(100 * MS).await;
+        // The healthy answer is recorded while the hung probe still waits.
+        assert!(monitor.is_healthy(&fine.id));
+        assert_eq!(state(&monitor, &hung), HealthState::Unknown);
+        assert_about(
+            monitor.status(&fine.id).unwrap().last_latency.unwrap(),
+            10 * MS,
+        );
+
+        let results = round.await.unwrap();
+        assert_about(start.elapsed(), HealthMonitor::DEFAULT_TIMEOUT);
+        let hung_health = &results.iter().find(|(id, _)| id == &hung.id).unwrap().1;
+        assert_eq!(hung_health.state, HealthState::Unhealthy);
+        assert!(hung_health
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("no answer within 5s"));
+        assert!(monitor.is_healthy(&fine.id));
+        assert!(!monitor.is_healthy(&hung.id));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_are_unhealthy_and_recovery_flips_state() {
+        let monitor = HealthMonitor::new(Duration::from_secs(1));
+        let fake = Fake::new("nas", Mode::Fail);
+        let origin = dyn_origin(&fake);
+        monitor.add(Arc::clone(&origin));
+        let added = monitor.status(&fake.id).unwrap();
+        assert_eq!(added.state, HealthState::Unknown);
+        assert_eq!(added.last_checked, None);
+
+        let first = monitor.check_one(&origin).await;
+        assert_eq!(first.state, HealthState::Unhealthy);
+        assert!(first
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("disk on fire"));
+        assert_eq!(first.last_latency, Some(Duration::ZERO));
+
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let second = monitor.check_one(&origin).await;
+        assert_eq!(second.state, HealthState::Unhealthy);
+        assert_eq!(second.since, first.since, "no state change, no new `since`");
+        assert_eq!(second.consecutive_failures, 2);
+        let checked_gap = second
+            .last_checked
+            .unwrap()
+            .duration_since(first.last_checked.unwrap())
+            .unwrap();
+        assert_about(checked_gap, Duration::from_secs(10));
+
+        fake.set(Mode::Answer(MS));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let third = monitor.check_one(&origin).await;
+        assert_eq!(third.state, HealthState::Healthy);
+        assert_eq!(third.consecutive_failures, 0);
+        assert_eq!(third.last_error, None);
+        let unhealthy_for = third.since.duration_since(first.since).unwrap();
+        assert_about(unhealthy_for, Duration::from_secs(15) + MS);
+        assert!(monitor.is_healthy(&fake.id));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn statuses_are_sorted_and_unknown_is_not_healthy() {
+        let monitor = HealthMonitor::new(Duration::from_secs(1));
+        let b = Fake::new("b", Mode::Answer(Duration::ZERO));
+        let a = Fake::new("a", Mode::Fail);
+        monitor.add(dyn_origin(&b));
+        monitor.add(dyn_origin(&a));
+        assert!(!monitor.is_healthy(&b.id));
+        assert!(monitor.status(&OriginId::new("zzz").unwrap()).is_none());
+
+        monitor.check_all().await;
+        let ids: Vec<_> = monitor
+            .statuses()
+            .into_iter()
+            .map(|(id, h)| (id.to_string(), h.state))
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                ("a".to_owned(), HealthState::Unhealthy),
+                ("b".to_owned(), HealthState::Healthy)
+            ]
+        );
+
+        // Re-adding an id replaces the origin and forgets the old answers.
+        let b2 = Fake::new("b", Mode::Fail);
+        monitor.add(dyn_origin(&b2));
+        assert_eq!(monitor.origins().len(), 2);
+        assert_eq!(state(&monitor, &b2), HealthState::Unknown);
+        monitor.check_all().await;
+        assert_eq!(state(&monitor, &b2), HealthState::Unhealthy);
+        assert_eq!(b.probes(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn periodic_task_checks_over_time_and_stops_on_drop() {
+        let monitor = Arc::new(HealthMonitor::new(Duration::from_secs(1)));
+        let fake = Fake::new("nas", Mode::Answer(Duration::ZERO));
+        monitor.add(dyn_origin(&fake));
+
+        let task = monitor.spawn(Duration::from_secs(30));
+        // The first round runs at once.
+        tokio::time::sleep(MS).await;
+        assert_eq!(fake.probes(), 1);
+        assert!(monitor.is_healthy(&fake.id));
+
+        fake.set(Mode::Fail);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(fake.probes(), 2);
+        assert_eq!(state(&monitor, &fake), HealthState::Unhealthy);
+
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(fake.probes(), 4);
+        assert_eq!(monitor.status(&fake.id).unwrap().consecutive_failures, 3);
+
+        drop(task);
+        fake.set(Mode::Answer(Duration::ZERO));
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert_eq!(
+            fake.probes(),
+            4,
+            "checks continued after the task was dropped"
+        );
+        assert_eq!(state(&monitor, &fake), HealthState::Unhealthy);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn periodic_task_stops_on_stop_and_with_its_monitor() {
+        let fake = Fake::new("nas", Mode::Answer(Duration::ZERO));
+        let monitor = Arc::new(HealthMonitor::new(Duration::from_secs(1)));
+        monitor.add(dyn_origin(&fake));
+        let task = monitor.spawn(Duration::from_secs(10));
+        tokio::time::sleep(MS).await;
+        task.stop();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(fake.probes(), 1);
+
+        let task = monitor.spawn(Duration::from_secs(10));
+        tokio::time::sleep(MS).await;
+        assert_eq!(fake.probes(), 2);
+        drop(monitor);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(task.is_finished());
+        // The fake is no longer referenced by any monitor.
+        assert_eq!(Arc::strong_count(&fake), 1);
+    }
+}

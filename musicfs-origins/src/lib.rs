@@ -1,0 +1,296 @@
+//! Origins: where the music lives.
+//!
+//! This is the bottom layer of MusicFS. An [`Origin`] is a read-only tree of
+//! files (a local or NAS directory now; S3 and SFTP later) addressed by
+//! [`OriginPath`]s that are relative, normalised and can never name anything
+//! outside the origin's root.
+//!
+//! Invariants every implementation keeps:
+//! - One call is one attempt. Retries live in exactly one place,
+//!   [`retry::RetryOrigin`], so that stacking wrappers never multiplies them.
+//! - Errors say whether retrying can help ([`OriginError::is_retryable`]):
+//!   a missing file is permanent, an unreachable NAS is not.
+//! - A call never blocks a tokio worker thread: an origin that can hang (a
+//!   dead NAS mount) does its blocking work on threads of its own, so a hung
+//!   origin stalls only the callers that wait on it, and those callers bound
+//!   the wait with a timeout.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub mod health;
+pub mod local;
+mod path;
+pub mod retry;
+
+pub use health::{HealthMonitor, HealthState, OriginHealth};
+pub use local::LocalOrigin;
+pub use path::OriginPath;
+pub use retry::{RetryOrigin, RetryPolicy};
+
+/// The name of an origin, as it appears under the mount point.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OriginId(Arc<str>);
+
+impl OriginId {
+    /// An origin name must be usable as one path component.
+    pub fn new(name: &str) -> Result<Self> {
+        if name.is_empty()
+            || name == "."
+            || name == ".."
+            || name.contains('/')
+            || name.contains('\0')
+        {
+            return Err(OriginError::InvalidName {
+                name: name.to_owned(),
+            });
+        }
+        Ok(Self(Arc::from(name)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for OriginId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for OriginId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "OriginId({:?})", &*self.0)
+    }
+}
+
+/// What kind of entry a path names. Symlinks are reported, never followed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// What an origin knows about one entry.
+///
+/// `size`, `mtime_ns` and `etag` together are the entry's version: cached data
+/// for a file is only valid while all three are unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EntryMeta {
+    pub kind: EntryKind,
+    pub size: u64,
+    /// Modification time in nanoseconds since the Unix epoch, where the origin
+    /// has one.
+    pub mtime_ns: Option<i64>,
+    /// An opaque content version (S3 ETag), where the origin has one.
+    pub etag: Option<String>,
+}
+
+impl EntryMeta {
+    /// True when `other` describes the same version of the same content.
+    pub fn same_version(&self, other: &EntryMeta) -> bool {
+        self.kind == other.kind
+            && self.size == other.size
+            && self.mtime_ns == other.mtime_ns
+            && self.etag == other.etag
+    }
+}
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: String,
+    pub meta: EntryMeta,
+}
+
+/// A read-only source of music files.
+///
+/// Implementations must be cheap to share as `Arc<dyn Origin>` and must not
+/// block the calling task's thread (see the crate docs).
+#[async_trait]
+pub trait Origin: Send + Sync + fmt::Debug {
+    fn id(&self) -> &OriginId;
+
+    /// Entries of the directory at `path`, in no particular order.
+    async fn list(&self, path: &OriginPath) -> Result<Vec<DirEntry>>;
+
+    /// What the entry at `path` is, without following a final symlink.
+    async fn stat(&self, path: &OriginPath) -> Result<EntryMeta>;
+
+    /// Up to `len` bytes of the file at `path` from `offset`. Fewer bytes come
+    /// back only at the end of the file; reading at or past the end gives an
+    /// empty buffer.
+    async fn read_range(&self, path: &OriginPath, offset: u64, len: u64) -> Result<Bytes>;
+
+    /// Whether the origin answers right now. Callers bound this by a timeout.
+    async fn health(&self) -> Result<()>;
+
+    /// True when `read_range` costs about the bytes asked for, so the cache
+    /// may re-fetch single chunks instead of whole files.
+    fn supports_range_reads(&self) -> bool {
+        true
+    }
+}
+
+/// Everything that can go wrong talking to an origin.
+#[derive(Debug, thiserror::Error)]
+pub enum OriginError {
+    #[error("{origin}: '{path}' does not exist on the origin")]
+    NotFound { origin: OriginId, path: String },
+
+    #[error("{origin}: '{path}' is not a {expected}")]
+    WrongKind {
+        origin: OriginId,
+        path: String,
+        expected: &'static str,
+    },
+
+    #[error("invalid path '{path}': {reason}")]
+    InvalidPath { path: String, reason: &'static str },
+
+    #[error("invalid origin name '{name}': use a non-empty name without '/'")]
+    InvalidName { name: String },
+
+    #[error(
+        "{origin}: '{path}' leaves the origin root through a symlink; MusicFS never follows it"
+    )]
+    OutsideRoot { origin: OriginId, path: String },
+
+    #[error("{origin}: permission denied on '{path}'; give the MusicFS user read access")]
+    PermissionDenied { origin: OriginId, path: String },
+
+    #[error("{origin}: too many open files while reading '{path}'; raise the fd limit (ulimit -n) or lower concurrency")]
+    TooManyOpenFiles { origin: OriginId, path: String },
+
+    #[error("{origin}: unavailable ({reason}); check that the origin is reachable, MusicFS retries on its own")]
+    Unavailable { origin: OriginId, reason: String },
+
+    #[error("{origin}: no answer within {timeout:?}; the origin may be hung")]
+    Timeout { origin: OriginId, timeout: Duration },
+
+    #[error("{origin}: I/O error on '{path}': {source}")]
+    Io {
+        origin: OriginId,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl OriginError {
+    /// True when the same call may succeed later. Permanent answers (missing
+    /// file, bad path, permission) are false; an unreachable or slow origin is
+    /// true.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            OriginError::NotFound { .. }
+            | OriginError::WrongKind { .. }
+            | OriginError::InvalidPath { .. }
+            | OriginError::InvalidName { .. }
+            | OriginError::OutsideRoot { .. }
+            | OriginError::PermissionDenied { .. } => false,
+            OriginError::TooManyOpenFiles { .. }
+            | OriginError::Unavailable { .. }
+            | OriginError::Timeout { .. } => true,
+            OriginError::Io { source, .. } => io_is_retryable(source),
+        }
+    }
+
+    /// True when the entry is known not to exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, OriginError::NotFound { .. })
+    }
+
+    /// Classifies an I/O error from the origin into a typed error.
+    pub fn from_io(origin: &OriginId, path: &OriginPath, err: std::io::Error) -> Self {
+        let origin = origin.clone();
+        let path = path.to_string();
+        match err.raw_os_error() {
+            Some(libc::ENOENT) => OriginError::NotFound { origin, path },
+            Some(libc::ENOTDIR) => OriginError::WrongKind {
+                origin,
+                path,
+                expected: "directory",
+            },
+            Some(libc::EISDIR) => OriginError::WrongKind {
+                origin,
+                path,
+                expected: "file",
+            },
+            Some(libc::EACCES) | Some(libc::EPERM) => {
+                OriginError::PermissionDenied { origin, path }
+            }
+            Some(libc::ELOOP) => OriginError::OutsideRoot { origin, path },
+            Some(libc::EMFILE) | Some(libc::ENFILE) => {
+                OriginError::TooManyOpenFiles { origin, path }
+            }
+            Some(libc::ENOTCONN)
+            | Some(libc::ESTALE)
+            | Some(libc::EHOSTDOWN)
+            | Some(libc::EHOSTUNREACH)
+            | Some(libc::ENETDOWN)
+            | Some(libc::ENETUNREACH)
+            | Some(libc::ETIMEDOUT)
+            | Some(libc::ECONNRESET)
+            | Some(libc::ECONNREFUSED) => OriginError::Unavailable {
+                origin,
+                reason: format!("'{path}': {err}"),
+            },
+            _ => OriginError::Io {
+                origin,
+                path,
+                source: err,
+            },
+        }
+    }
+}
+
+fn io_is_retryable(err: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        err.kind(),
+        Interrupted | TimedOut | WouldBlock | UnexpectedEof | ConnectionReset | ConnectionAborted
+    ) || err.raw_os_error() == Some(libc::EIO)
+}
+
+pub type Result<T, E = OriginError> = std::result::Result<T, E>;
+
+/// Shared handle to any origin.
+pub type DynOrigin = Arc<dyn Origin>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_names_are_single_components() {
+        assert!(OriginId::new("music").is_ok());
+        assert!(OriginId::new("Björk's NAS").is_ok());
+        for bad in ["", ".", "..", "a/b", "a\0b"] {
+            assert!(OriginId::new(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn io_errors_are_classified_by_retryability() {
+        let id = OriginId::new("o").unwrap();
+        let p = OriginPath::new("a/b.flac").unwrap();
+        let e = |code| OriginError::from_io(&id, &p, std::io::Error::from_raw_os_error(code));
+        assert!(e(libc::ENOENT).is_not_found());
+        assert!(!e(libc::ENOENT).is_retryable());
+        assert!(!e(libc::EACCES).is_retryable());
+        assert!(e(libc::ENOTCONN).is_retryable());
+        assert!(e(libc::EIO).is_retryable());
+        assert!(e(libc::EMFILE).is_retryable());
+        assert!(matches!(
+            e(libc::EMFILE),
+            OriginError::TooManyOpenFiles { .. }
+        ));
+    }
+}

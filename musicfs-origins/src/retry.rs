@@ -1,0 +1,329 @@
+//! Retries: the one place in MusicFS where an origin call is attempted again.
+//!
+//! Layer: a wrapper origin. Every [`Origin`] does exactly one attempt per
+//! call; [`RetryOrigin`] wraps any origin and retries the calls whose error
+//! says retrying can help ([`OriginError::is_retryable`]). Wrappers compose
+//! (a timeout wrapper, a fault injector, a cache), and keeping retries in this
+//! single layer means stacking them never multiplies attempts: wrap an origin
+//! in `RetryOrigin` once, at the top of the stack that talks to the origin.
+//!
+//! Invariants:
+//! - At most `max_attempts` attempts per call (at least one), with backoff
+//!   doubling from `initial_backoff` and capped at `max_backoff`.
+//! - Permanent errors (missing file, wrong kind, permission, ...) return after
+//!   the first attempt; after the last attempt the last error is returned.
+//! - [`Origin::health`] is passed through untried-again: it is a probe of
+//!   "right now", and the health monitor's next round is its retry.
+//! - This layer sets no timeouts: a call that hangs is bounded by the caller.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::{DirEntry, DynOrigin, EntryMeta, Origin, OriginId, OriginPath, Result};
+
+/// How often and how patiently to retry.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Total attempts per call, the first included; 0 is treated as 1.
+    pub max_attempts: u32,
+    /// Wait before the second attempt; doubled before each later one.
+    pub initial_backoff: Duration,
+    /// Upper bound for any single wait.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after failed attempt number `attempt` (1-based).
+    fn backoff(&self, attempt: u32) -> Duration {
+        let doublings = attempt.saturating_sub(1);
+        let factor = 2u32.checked_pow(doublings).unwrap_or(u32::MAX);
+        self.initial_backoff
+            .checked_mul(factor)
+            .unwrap_or(Duration::MAX)
+            .min(self.max_backoff)
+    }
+}
+
+/// An origin that retries its inner origin's retryable failures.
+#[derive(Debug)]
+pub struct RetryOrigin {
+    inner: DynOrigin,
+    policy: RetryPolicy,
+}
+
+impl RetryOrigin {
+    pub fn new(inner: DynOrigin, policy: RetryPolicy) -> Self {
+        RetryOrigin { inner, policy }
+    }
+
+    pub fn policy(&self) -> &RetryPolicy {
+        &self.policy
+    }
+
+    async fn retry<T, F, Fut>(&self, op: &'static str, path: &OriginPath, mut call: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let max_attempts = self.policy.max_attempts.max(1);
+        let mut attempt = 1;
+        loop {
+            match call().await {
+                Err(err) if err.is_retryable() && attempt < max_attempts => {
+                    let wait = self.policy.backoff(attempt);
+                    tracing::debug!(
+                        origin = %self.inner.id(),
+                        op,
+                        %path,
+                        attempt,
+                        max_attempts,
+                        ?wait,
+                        error = %err,
+                        "retrying origin call"
+                    );
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Origin for RetryOrigin {
+    fn id(&self) -> &OriginId {
+        self.inner.id()
+    }
+
+    async fn list(&self, path: &OriginPath) -> Result<Vec<DirEntry>> {
+        self.retry("list", path, || self.inner.list(path)).await
+    }
+
+    async fn stat(&self, path: &OriginPath) -> Result<EntryMeta> {
+        self.retry("stat", path, || self.inner.stat(path)).await
+    }
+
+    async fn read_range(&self, path: &OriginPath, offset: u64, len: u64) -> Result<Bytes> {
+        self.retry("read", path, || self.inner.read_range(path, offset, len))
+            .await
+    }
+
+    async fn health(&self) -> Result<()> {
+        self.inner.health().await
+    }
+
+    fn supports_range_reads(&self) -> bool {
+        self.inner.supports_range_reads()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{EntryKind, OriginError};
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+    use tokio::time::Instant;
+
+    /// Builds the error for the given attempt number (1-based).
+    type Failure = fn(&OriginId, u32) -> OriginError;
+
+    /// Answers each call with the next scripted failure, then succeeds;
+    /// records when each attempt started.
+    #[derive(Debug)]
+    struct Scripted {
+        id: OriginId,
+        failures: parking_lot::Mutex<VecDeque<Failure>>,
+        attempts: parking_lot::Mutex<Vec<Instant>>,
+        range_reads: bool,
+    }
+
+    fn unavailable(origin: &OriginId, attempt: u32) -> OriginError {
+        OriginError::Unavailable {
+            origin: origin.clone(),
+            reason: format!("attempt {attempt} failed"),
+        }
+    }
+
+    fn not_found(origin: &OriginId, _: u32) -> OriginError {
+        OriginError::NotFound {
+            origin: origin.clone(),
+            path: "/a.flac".into(),
+        }
+    }
+
+    impl Scripted {
+        fn new(failures: Vec<Failure>) -> Arc<Scripted> {
+            Arc::new(Scripted {
+                id: OriginId::new("nas").unwrap(),
+                failures: parking_lot::Mutex::new(failures.into()),
+                attempts: parking_lot::Mutex::new(Vec::new()),
+                range_reads: false,
+            })
+        }
+
+        fn attempt(&self) -> Result<()> {
+            let mut attempts = self.attempts.lock();
+            attempts.push(Instant::now());
+            let number = attempts.len() as u32;
+            match self.failures.lock().pop_front() {
+                Some(fail) => Err(fail(&self.id, number)),
+                None => Ok(()),
+            }
+        }
+
+        fn gaps(&self) -> Vec<Duration> {
+            let attempts = self.attempts.lock();
+            attempts.windows(2).map(|w| w[1] - w[0]).collect()
+        }
+
+        fn count(&self) -> usize {
+            self.attempts.lock().len()
+        }
+    }
+
+    #[async_trait]
+    impl Origin for Scripted {
+        fn id(&self) -> &OriginId {
+            &self.id
+        }
+        async fn list(&self, _: &OriginPath) -> Result<Vec<DirEntry>> {
+            self.attempt().map(|()| Vec::new())
+        }
+        async fn stat(&self, _: &OriginPath) -> Result<EntryMeta> {
+            self.attempt().map(|()| EntryMeta {
+                kind: EntryKind::File,
+                size: 7,
+                mtime_ns: None,
+                etag: None,
+            })
+        }
+        async fn read_range(&self, _: &OriginPath, _: u64, _: u64) -> Result<Bytes> {
+            self.attempt().map(|()| Bytes::from_static(b"flac"))
+        }
+        async fn health(&self) -> Result<()> {
+            self.attempt()
+        }
+        fn supports_range_reads(&self) -> bool {
+            self.range_reads
+        }
+    }
+
+    fn wrap(inner: &Arc<Scripted>, policy: RetryPolicy) -> RetryOrigin {
+        RetryOrigin::new(Arc::clone(inner) as DynOrigin, policy)
+    }
+
+    fn path() -> OriginPath {
+        OriginPath::new("a.flac").unwrap()
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn retryable_failures_are_retried_with_exponential_backoff() {
+        let inner = Scripted::new(vec![unavailable, unavailable]);
+        let origin = wrap(&inner, RetryPolicy::default());
+        let start = Instant::now();
+        let data = origin.read_range(&path(), 0, 4).await.unwrap();
+        let took = start.elapsed();
+        assert_eq!(&data[..], b"flac");
+        assert_eq!(inner.count(), 3);
+        assert_eq!(inner.gaps(), [100 * MS, 200 * MS]);
+        assert!(took >= 300 * MS && took < 302 * MS, "took {took:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn list_and_stat_are_retried_too() {
+        let inner = Scripted::new(vec![unavailable]);
+        let origin = wrap(&inner, RetryPolicy::default());
+        assert_eq!(origin.stat(&path()).await.unwrap().size, 7);
+        assert_eq!(inner.count(), 2);
+
+        let inner = Scripted::new(vec![unavailable]);
+        let origin = wrap(&inner, RetryPolicy::default());
+        assert!(origin.list(&OriginPath::root()).await.unwrap().is_empty());
+        assert_eq!(inner.count(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permanent_errors_return_after_one_attempt() {
+        let inner = Scripted::new(vec![not_found, unavailable]);
+        let origin = wrap(&inner, RetryPolicy::default());
+        let start = Instant::now();
+        let err = origin.stat(&path()).await.unwrap_err();
+        assert!(err.is_not_found(), "{err}");
+        assert_eq!(inner.count(), 1);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exhausted_attempts_return_the_last_error() {
+        let inner = Scripted::new(vec![unavailable; 5]);
+        let origin = wrap(&inner, RetryPolicy::default());
+        let start = Instant::now();
+        let err = origin.read_range(&path(), 0, 4).await.unwrap_err();
+        assert!(err.to_string().contains("attempt 3 failed"), "{err}");
+        assert!(err.is_retryable());
+        assert_eq!(inner.count(), 3);
+        let took = start.elapsed();
+        assert!(took >= 300 * MS && took < 302 * MS, "took {took:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_is_capped_and_zero_attempts_means_one() {
+        let policy = RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: 100 * MS,
+            max_backoff: 250 * MS,
+        };
+        let inner = Scripted::new(vec![unavailable; 4]);
+        wrap(&inner, policy).stat(&path()).await.unwrap();
+        assert_eq!(inner.gaps(), [100 * MS, 200 * MS, 250 * MS, 250 * MS]);
+
+        let policy = RetryPolicy {
+            max_attempts: 0,
+            ..RetryPolicy::default()
+        };
+        let inner = Scripted::new(vec![unavailable]);
+        assert!(wrap(&inner, policy).stat(&path()).await.is_err());
+        assert_eq!(inner.count(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn health_is_not_retried_and_the_rest_delegates() {
+        let inner = Scripted::new(vec![unavailable]);
+        let origin = wrap(&inner, RetryPolicy::default());
+        assert!(origin.health().await.is_err());
+        assert_eq!(inner.count(), 1);
+        assert_eq!(origin.id(), &inner.id);
+        assert!(!origin.supports_range_reads());
+    }
+
+    #[test]
+    fn backoff_never_overflows() {
+        let policy = RetryPolicy {
+            max_attempts: u32::MAX,
+            initial_backoff: Duration::from_secs(u64::MAX / 2),
+            max_backoff: Duration::from_secs(2),
+        };
+        assert_eq!(policy.backoff(1), Duration::from_secs(2));
+        assert_eq!(policy.backoff(u32::MAX), Duration::from_secs(2));
+        let default = RetryPolicy::default();
+        assert_eq!(default.backoff(1), 100 * MS);
+        assert_eq!(default.backoff(6), Duration::from_secs(2));
+    }
+}

@@ -1,0 +1,22 @@
+//! Test helpers for MusicFS: origins that misbehave on demand, an in-memory
+//! origin, and real music-library fixtures.
+//!
+//! - [`FaultyOrigin`] wraps any origin to inject delays, hangs, errors and
+//!   bad data, and counts the traffic that reached it.
+//! - [`MemOrigin`] is a mutable in-memory origin for engine tests.
+//! - [`make_library`] and friends build real FLAC/MP3 trees on disk, cached
+//!   per machine because generating audio is slow.
+//!
+//! Everything here exists to be used by tests; nothing here is used by the
+//! filesystem itself. The resilience suite lives in this crate's `tests/`.
+
+pub mod faulty;
+pub mod library;
+pub mod mem;
+
+pub use faulty::{Fault, FaultyOrigin, OriginStats, Ops};
+pub use library::{
+    copy_tree, corpus_tool, library_files, make_library, pseudo_random_bytes, write_file,
+    LibrarySpec,
+};
+pub use mem::MemOrigin;
