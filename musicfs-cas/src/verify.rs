@@ -87,6 +87,7 @@ pub(crate) async fn run(cache: &Cache, repair: bool) -> Result<VerifyReport> {
         .await
         .unwrap_or_default();
     let mut present: HashSet<ChunkId> = HashSet::new();
+    let mut corrupt: HashSet<ChunkId> = HashSet::new();
     for (id, path) in &on_disk {
         let p = path.clone();
         let bytes = tokio::task::spawn_blocking(move || std::fs::read(p)).await;
@@ -103,6 +104,8 @@ pub(crate) async fn run(cache: &Cache, repair: bool) -> Result<VerifyReport> {
         }
         if repair {
             store.remove(*id).await?;
+        } else {
+            corrupt.insert(*id);
         }
         report.findings.push(Finding {
             kind: FindingKind::CorruptChunk,
@@ -119,7 +122,7 @@ pub(crate) async fn run(cache: &Cache, repair: bool) -> Result<VerifyReport> {
     for (id, _) in &records {
         if !on_disk.contains_key(id) {
             if repair {
-                index.remove_chunk(id)?;
+                store.remove(*id).await?;
             }
             report.findings.push(Finding {
                 kind: FindingKind::RecordWithoutFile,
@@ -169,7 +172,7 @@ pub(crate) async fn run(cache: &Cache, repair: bool) -> Result<VerifyReport> {
                 continue;
             }
         };
-        check_manifest(cache, &key, &manifest, &present, repair, &mut report).await?;
+        check_manifest(cache, &key, &manifest, &present, &corrupt, repair, &mut report).await?;
     }
     if repair {
         store.flush().await?;
@@ -189,13 +192,14 @@ async fn check_manifest(
     (origin_id, path): &(OriginId, OriginPath),
     manifest: &Manifest,
     present: &HashSet<ChunkId>,
+    already_reported: &HashSet<ChunkId>,
     repair: bool,
     report: &mut VerifyReport,
 ) -> Result<()> {
     let mut start = 0u64;
     let mut missing = Vec::new();
     for c in manifest.chunks() {
-        if !present.contains(&c.id) && !cache.store().contains(&c.id) {
+        if !present.contains(&c.id) && !already_reported.contains(&c.id) {
             missing.push((start, *c));
         }
         start += u64::from(c.len);

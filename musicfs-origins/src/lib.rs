@@ -27,7 +27,7 @@ pub mod local;
 mod path;
 pub mod retry;
 
-pub use health::{HealthMonitor, HealthState, OriginHealth};
+pub use health::{HealthMonitor, HealthState, MonitorTask, OriginHealth};
 pub use local::LocalOrigin;
 pub use path::OriginPath;
 pub use retry::{RetryOrigin, RetryPolicy};

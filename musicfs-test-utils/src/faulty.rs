@@ -208,7 +208,9 @@ struct InFlight<'a>(&'a Counters);
 impl<'a> InFlight<'a> {
     fn enter(counters: &'a Counters) -> Self {
         let now = counters.in_flight_reads.fetch_add(1, Ordering::SeqCst) + 1;
-        counters.max_in_flight_reads.fetch_max(now, Ordering::SeqCst);
+        counters
+            .max_in_flight_reads
+            .fetch_max(now, Ordering::SeqCst);
         InFlight(counters)
     }
 }
@@ -352,7 +354,7 @@ impl FaultyOrigin {
             Fault::Hang => std::future::pending::<()>().await,
             Fault::Transient => return Err(self.injected(format!("transient failure ({op:?})"))),
             Fault::FailEveryNth(n) => {
-                if *n != 0 && call % n == 0 {
+                if call.checked_rem(*n) == Some(0) {
                     return Err(self.injected(format!("call {call} fails, every {n}th ({op:?})")));
                 }
             }
@@ -390,7 +392,7 @@ impl FaultyOrigin {
 fn corrupt(data: &Bytes, offset: u64) -> Bytes {
     let mut out = BytesMut::from(&data[..]);
     for (i, byte) in out.iter_mut().enumerate() {
-        if i == 0 || offset.wrapping_add(i as u64) % 4096 == 0 {
+        if i == 0 || offset.wrapping_add(i as u64) & 4095 == 0 {
             *byte ^= 0xFF;
         }
     }
@@ -523,7 +525,9 @@ mod tests {
     async fn transient_fails_every_op_with_a_retryable_error() {
         let (_mem, f, _) = setup(100);
         f.set_fault(Fault::Transient);
-        assert!(is_injected(&f.read_range(&p(FILE), 0, 10).await.unwrap_err()));
+        assert!(is_injected(
+            &f.read_range(&p(FILE), 0, 10).await.unwrap_err()
+        ));
         assert!(is_injected(&f.list(&p("a")).await.unwrap_err()));
         assert!(is_injected(&f.stat(&p(FILE)).await.unwrap_err()));
         assert!(is_injected(&f.health().await.unwrap_err()));
@@ -603,14 +607,17 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::from_millis(250));
 
         // A caller with a shorter deadline gives up.
-        assert!(timeout(Duration::from_millis(100), f.health()).await.is_err());
+        assert!(timeout(Duration::from_millis(100), f.health())
+            .await
+            .is_err());
     }
 
     #[tokio::test(start_paused = true)]
     async fn changing_the_fault_does_not_affect_a_delayed_call() {
         let (_mem, f, _) = setup(100);
         f.set_fault(Fault::TimeoutMs(1000));
-        let mut delayed = Box::pin(f.read_range(&p(FILE), 0, 10));
+        let file = p(FILE);
+        let mut delayed = Box::pin(f.read_range(&file, 0, 10));
         assert!(futures::poll!(&mut delayed).is_pending());
         f.set_fault(Fault::Transient);
         assert!(f.read_range(&p(FILE), 0, 10).await.is_err());
@@ -621,12 +628,15 @@ mod tests {
     async fn hang_never_completes_and_stays_hung_after_clear() {
         let (_mem, f, _) = setup(100);
         f.set_fault(Fault::Hang);
-        assert!(timeout(Duration::from_secs(3600), f.health()).await.is_err());
+        assert!(timeout(Duration::from_secs(3600), f.health())
+            .await
+            .is_err());
         assert!(timeout(Duration::from_secs(3600), f.list(&p("a")))
             .await
             .is_err());
 
-        let mut hung = Box::pin(f.read_range(&p(FILE), 0, 10));
+        let file = p(FILE);
+        let mut hung = Box::pin(f.read_range(&file, 0, 10));
         assert!(futures::poll!(&mut hung).is_pending());
         assert_eq!(f.stats().in_flight_reads, 1);
         f.clear();
@@ -650,7 +660,9 @@ mod tests {
         let offset = 4000u64;
         let got = f.read_range(&p(FILE), offset, 10_000).await.unwrap();
         assert_eq!(got.len(), 10_000);
-        let flipped: Vec<usize> = (0..got.len()).filter(|&i| got[i] != data[4000 + i]).collect();
+        let flipped: Vec<usize> = (0..got.len())
+            .filter(|&i| got[i] != data[4000 + i])
+            .collect();
         // Buffer start, then file positions 4096, 8192 and 12288.
         assert_eq!(flipped, vec![0, 96, 4192, 8288]);
         for &i in &flipped {
@@ -702,7 +714,8 @@ mod tests {
     async fn concurrent_reads_are_tracked() {
         let (_mem, f, _) = setup(1000);
         f.set_fault_on(Ops::READ, Fault::TimeoutMs(100));
-        let reads = (0..5).map(|i| f.read_range(&p(FILE), i * 100, 100));
+        let file = p(FILE);
+        let reads = (0..5).map(|i| f.read_range(&file, i * 100, 100));
         let results = futures::future::join_all(reads).await;
         assert!(results.iter().all(|r| r.as_ref().unwrap().len() == 100));
         let s = f.stats();

@@ -14,7 +14,7 @@ pub mod faulty;
 pub mod library;
 pub mod mem;
 
-pub use faulty::{Fault, FaultyOrigin, OriginStats, Ops};
+pub use faulty::{Fault, FaultyOrigin, Ops, OriginStats};
 pub use library::{
     copy_tree, corpus_tool, library_files, make_library, pseudo_random_bytes, write_file,
     LibrarySpec,

@@ -180,6 +180,13 @@ fn cache_dir(tool: &Path, spec: &LibrarySpec) -> io::Result<PathBuf> {
     )))
 }
 
+/// Names the generation directory after its destination, so a stale one
+/// left by a killed run says which spec it was.
+fn tmp_prefix(dest: &Path) -> String {
+    let name = dest.file_name().unwrap_or_default().to_string_lossy();
+    format!(".tmp-{name}-")
+}
+
 /// The root of a generated library for `spec`, generating it on first use
 /// (see the module docs for caching). Treat the result as read-only.
 pub fn make_library(spec: &LibrarySpec) -> io::Result<PathBuf> {
@@ -197,7 +204,7 @@ pub fn make_library(spec: &LibrarySpec) -> io::Result<PathBuf> {
     let base = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(base)?;
     let tmp = tempfile::Builder::new()
-        .prefix(".tmp-lib-")
+        .prefix(&tmp_prefix(&dest))
         .tempdir_in(base)?;
     let output = Command::new(&tool)
         .arg(tmp.path())
@@ -253,7 +260,10 @@ pub fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
         } else {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                format!("copy_tree: {} is not a file, dir or symlink", from.display()),
+                format!(
+                    "copy_tree: {} is not a file, dir or symlink",
+                    from.display()
+                ),
             ));
         }
     }
@@ -386,7 +396,11 @@ mod tests {
         let spec = LibrarySpec::default();
         let root = make_library(&spec).unwrap();
         let files = library_files(&root);
-        let has = |ext: &str| files.iter().any(|f| f.extension().is_some_and(|e| e == ext));
+        let has = |ext: &str| {
+            files
+                .iter()
+                .any(|f| f.extension().is_some_and(|e| e == ext))
+        };
         assert!(has("flac") && has("mp3"), "{files:?}");
         // 6 album tracks + 5 compilation tracks.
         let audio = files
@@ -394,7 +408,9 @@ mod tests {
             .filter(|f| f.extension().is_some_and(|e| e == "flac" || e == "mp3"))
             .count();
         assert_eq!(audio, 11, "{files:?}");
-        let flac = files.iter().find(|f| f.extension().is_some_and(|e| e == "flac"));
+        let flac = files
+            .iter()
+            .find(|f| f.extension().is_some_and(|e| e == "flac"));
         let header = std::fs::read(root.join(flac.unwrap())).unwrap();
         assert_eq!(&header[..4], b"fLaC");
 
@@ -407,5 +423,44 @@ mod tests {
         assert_eq!(again, root);
         assert_eq!(*generation_lock(&dest).lock(), generations);
         assert_eq!(library_files(&again), files);
+    }
+
+    #[test]
+    fn concurrent_callers_share_one_generation() {
+        if corpus_tool().is_none() {
+            eprintln!("skipping: {}", tool_missing_error());
+            return;
+        }
+        // A spec of its own, so no other test in this process generates it.
+        let spec = LibrarySpec {
+            artists: 1,
+            tracks: 2,
+            seconds: 1,
+            seed: 2,
+            ..LibrarySpec::default()
+        };
+        let roots: Vec<PathBuf> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4).map(|_| s.spawn(|| make_library(&spec))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap().unwrap())
+                .collect()
+        });
+        assert!(roots.iter().all(|r| r == &roots[0]));
+        // At most one generation in this process (none if an earlier run
+        // already cached it), and no temporary directory left behind.
+        assert!(*generation_lock(&roots[0]).lock() <= 1);
+        let leftovers: Vec<_> = std::fs::read_dir(roots[0].parent().unwrap())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&tmp_prefix(&roots[0]))
+            })
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        // 2 tracks and a cover, then a 2-track compilation and its empty cue.
+        assert_eq!(library_files(&roots[0]).len(), 2 + 1 + 2 + 1);
     }
 }

@@ -386,7 +386,11 @@ mod tests {
 
         assert!(m.stat(&p("a/nope")).await.unwrap_err().is_not_found());
         assert!(m.list(&p("nope")).await.unwrap_err().is_not_found());
-        assert!(m.read_range(&p("nope"), 0, 1).await.unwrap_err().is_not_found());
+        assert!(m
+            .read_range(&p("nope"), 0, 1)
+            .await
+            .unwrap_err()
+            .is_not_found());
         let wrong = |e: OriginError, want: &str| {
             assert!(!e.is_retryable());
             assert!(
@@ -409,7 +413,11 @@ mod tests {
         assert_eq!(&m.read_range(&f, 990, 20).await.unwrap()[..], &data[990..]);
         assert_eq!(&m.read_range(&f, 0, u64::MAX).await.unwrap()[..], &data[..]);
         assert!(m.read_range(&f, 1000, 10).await.unwrap().is_empty());
-        assert!(m.read_range(&f, u64::MAX, u64::MAX).await.unwrap().is_empty());
+        assert!(m
+            .read_range(&f, u64::MAX, u64::MAX)
+            .await
+            .unwrap()
+            .is_empty());
         assert!(m.read_range(&f, 5, 0).await.unwrap().is_empty());
     }
 
