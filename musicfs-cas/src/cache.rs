@@ -158,7 +158,9 @@ struct FileState {
 enum Ingest {
     Idle,
     Running,
-    Failed { at: Instant },
+    Failed {
+        at: Instant,
+    },
     /// The cache disk is unusable: no more ingest for this open.
     Stopped,
     Done,
@@ -190,7 +192,13 @@ impl Cache {
             let (index, index_report) = Index::open(&dir.join("index.sled"))?;
             log_rebuild(&index_report);
             let (store, store_report) = ChunkStore::open(store_config, index)?;
-            Ok((store, CacheOpenReport { index: index_report, store: store_report }))
+            Ok((
+                store,
+                CacheOpenReport {
+                    index: index_report,
+                    store: store_report,
+                },
+            ))
         })
         .await
         .map_err(|e| CasError::CacheUnavailable {
@@ -209,7 +217,10 @@ impl Cache {
     }
 
     pub fn add_origin(&self, origin: DynOrigin) {
-        self.inner.origins.write().insert(origin.id().clone(), origin);
+        self.inner
+            .origins
+            .write()
+            .insert(origin.id().clone(), origin);
     }
 
     pub fn origin(&self, id: &OriginId) -> Option<DynOrigin> {
@@ -230,13 +241,23 @@ impl Cache {
 
     /// Opens `path` of `origin` as the version `meta` describes (from a
     /// fresh or cached stat). Cached data of another version is dropped.
-    pub async fn open_file(&self, origin: &OriginId, path: &OriginPath, meta: &EntryMeta) -> Result<FileHandle> {
-        let o = self.origin(origin).ok_or_else(|| CasError::UnknownOrigin { origin: origin.clone() })?;
+    pub async fn open_file(
+        &self,
+        origin: &OriginId,
+        path: &OriginPath,
+        meta: &EntryMeta,
+    ) -> Result<FileHandle> {
+        let o = self.origin(origin).ok_or_else(|| CasError::UnknownOrigin {
+            origin: origin.clone(),
+        })?;
         let version = FileVersion::of(meta);
         let key = (origin.clone(), path.clone());
         if let Some(file) = self.inner.open.lock().get(&key).and_then(Weak::upgrade) {
             if file.version == version {
-                return Ok(FileHandle { file, cache: self.inner.clone() });
+                return Ok(FileHandle {
+                    file,
+                    cache: self.inner.clone(),
+                });
             }
         }
         let manifest = match self.index().manifest(origin, path) {
@@ -252,7 +273,11 @@ impl Cache {
                 Manifest::new(version.clone())
             }
         };
-        let ingest = if manifest.is_complete() { Ingest::Done } else { Ingest::Idle };
+        let ingest = if manifest.is_complete() {
+            Ingest::Done
+        } else {
+            Ingest::Idle
+        };
         let file = Arc::new(OpenFile {
             origin: o,
             path: path.clone(),
@@ -268,7 +293,10 @@ impl Cache {
         let mut open = self.inner.open.lock();
         open.retain(|_, w| w.strong_count() > 0);
         open.insert(key, Arc::downgrade(&file));
-        Ok(FileHandle { file, cache: self.inner.clone() })
+        Ok(FileHandle {
+            file,
+            cache: self.inner.clone(),
+        })
     }
 
     pub fn stats(&self) -> CacheStats {
@@ -287,7 +315,13 @@ impl Cache {
             corrupt_chunks: sc.corrupt.load(Ordering::Relaxed),
             missing_chunks: sc.missing.load(Ordering::Relaxed),
             evicted_chunks: sc.evicted_chunks.load(Ordering::Relaxed),
-            open_files: self.inner.open.lock().values().filter(|w| w.strong_count() > 0).count() as u64,
+            open_files: self
+                .inner
+                .open
+                .lock()
+                .values()
+                .filter(|w| w.strong_count() > 0)
+                .count() as u64,
             degraded: s.degraded(),
         }
     }
@@ -313,7 +347,9 @@ impl Cache {
         start: u64,
         chunk: ChunkRef,
     ) -> Result<Bytes> {
-        self.inner.refetch_chunk(origin, path, version, start, chunk).await
+        self.inner
+            .refetch_chunk(origin, path, version, start, chunk)
+            .await
     }
 }
 
@@ -346,12 +382,18 @@ impl FileHandle {
                         let to = (end.min(start + u64::from(chunk.len)) - start) as usize;
                         out.extend_from_slice(&data[from..to]);
                         pos = start + to as u64;
-                        self.cache.counters.hit_bytes.fetch_add((to - from) as u64, Ordering::Relaxed);
+                        self.cache
+                            .counters
+                            .hit_bytes
+                            .fetch_add((to - from) as u64, Ordering::Relaxed);
                     }
                 }
                 Step::Buffered(bytes) => {
                     pos += bytes.len() as u64;
-                    self.cache.counters.hit_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    self.cache
+                        .counters
+                        .hit_bytes
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     out.extend_from_slice(&bytes);
                 }
                 Step::Wait(mut rx) => {
@@ -360,8 +402,14 @@ impl FileHandle {
                     let _ = rx.changed().await;
                 }
                 Step::Direct(upto) => {
-                    let data = self.cache.origin_read(&self.file.origin, &self.file.path, size, pos, upto - pos).await?;
-                    self.cache.counters.origin_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    let data = self
+                        .cache
+                        .origin_read(&self.file.origin, &self.file.path, size, pos, upto - pos)
+                        .await?;
+                    self.cache
+                        .counters
+                        .origin_bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
                     pos = upto;
                     out.extend_from_slice(&data);
                 }
@@ -405,7 +453,10 @@ impl FileHandle {
             Ingest::Failed { at } => at.elapsed() >= INGEST_RETRY_AFTER,
             Ingest::Running | Ingest::Stopped | Ingest::Done => false,
         };
-        if !startable || st.buffered_end() >= st.want_until || st.buffered_end() >= self.file.version.size {
+        if !startable
+            || st.buffered_end() >= st.want_until
+            || st.buffered_end() >= self.file.version.size
+        {
             return;
         }
         if self.cache.store.degraded().is_some() {
@@ -427,16 +478,33 @@ impl FileHandle {
             Err(e) if e.is_refetchable() => {
                 warn!(chunk = %chunk.id, path = %self.file.path, error = %e, "re-fetching chunk from the origin");
                 self.cache
-                    .refetch_chunk(&self.file.origin, &self.file.path, &self.file.version, start, chunk)
+                    .refetch_chunk(
+                        &self.file.origin,
+                        &self.file.path,
+                        &self.file.version,
+                        start,
+                        chunk,
+                    )
                     .await
             }
-            Err(e @ (CasError::Io { .. } | CasError::TooManyOpenFiles { .. } | CasError::CacheUnavailable { .. })) => {
+            Err(
+                e @ (CasError::Io { .. }
+                | CasError::TooManyOpenFiles { .. }
+                | CasError::CacheUnavailable { .. }),
+            ) => {
                 debug!(chunk = %chunk.id, error = %e, "cache read failed; reading the chunk from the origin");
                 let data = self
                     .cache
-                    .origin_read(&self.file.origin, &self.file.path, self.file.version.size, start, u64::from(chunk.len))
+                    .origin_read(
+                        &self.file.origin,
+                        &self.file.path,
+                        self.file.version.size,
+                        start,
+                        u64::from(chunk.len),
+                    )
                     .await?;
-                self.cache.check_chunk(&self.file.origin, &self.file.path, chunk, &data)?;
+                self.cache
+                    .check_chunk(&self.file.origin, &self.file.path, chunk, &data)?;
                 Ok(data)
             }
             Err(e) => Err(e),
@@ -454,19 +522,27 @@ enum Step {
 impl CacheInner {
     /// One bounded origin read that must return exactly the bytes asked for
     /// (clipped to the file's size): anything shorter means the file changed.
-    async fn origin_read(&self, origin: &DynOrigin, path: &OriginPath, size: u64, offset: u64, len: u64) -> Result<Bytes> {
+    async fn origin_read(
+        &self,
+        origin: &DynOrigin,
+        path: &OriginPath,
+        size: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes> {
         let expect = len.min(size.saturating_sub(offset));
         let timeout = self.config.origin_timeout;
-        let data = match tokio::time::timeout(timeout, origin.read_range(path, offset, expect)).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(CasError::OriginTimeout {
-                    origin: origin.id().clone(),
-                    path: path.to_string(),
-                    timeout,
-                })
-            }
-        };
+        let data =
+            match tokio::time::timeout(timeout, origin.read_range(path, offset, expect)).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(CasError::OriginTimeout {
+                        origin: origin.id().clone(),
+                        path: path.to_string(),
+                        timeout,
+                    })
+                }
+            };
         if data.len() as u64 != expect {
             return Err(CasError::OriginChanged {
                 origin: origin.id().clone(),
@@ -477,7 +553,13 @@ impl CacheInner {
         Ok(data)
     }
 
-    fn check_chunk(&self, origin: &DynOrigin, path: &OriginPath, chunk: ChunkRef, data: &[u8]) -> Result<()> {
+    fn check_chunk(
+        &self,
+        origin: &DynOrigin,
+        path: &OriginPath,
+        chunk: ChunkRef,
+        data: &[u8],
+    ) -> Result<()> {
         let actual = ChunkId::of(data);
         if actual == chunk.id {
             return Ok(());
@@ -488,7 +570,10 @@ impl CacheInner {
         Err(CasError::OriginChanged {
             origin: origin.id().clone(),
             path: path.to_string(),
-            reason: format!("chunk {} re-read from the origin hashes to {actual}", chunk.id),
+            reason: format!(
+                "chunk {} re-read from the origin hashes to {actual}",
+                chunk.id
+            ),
         })
     }
 
@@ -502,10 +587,13 @@ impl CacheInner {
     ) -> Result<Bytes> {
         self.counters.refetched.fetch_add(1, Ordering::Relaxed);
         let data = if origin.supports_range_reads() {
-            self.origin_read(origin, path, version.size, start, u64::from(chunk.len)).await?
+            self.origin_read(origin, path, version.size, start, u64::from(chunk.len))
+                .await?
         } else {
             // The whole file is what such an origin costs anyway.
-            let whole = self.origin_read(origin, path, version.size, 0, version.size).await?;
+            let whole = self
+                .origin_read(origin, path, version.size, 0, version.size)
+                .await?;
             let end = start + u64::from(chunk.len);
             if end > whole.len() as u64 {
                 return Err(CasError::OriginChanged {
@@ -547,7 +635,10 @@ async fn run_ingest(weak: Weak<OpenFile>, cache: Arc<CacheInner>) {
                 Ok(id) => {
                     let snapshot = {
                         let mut st = file.state.lock();
-                        let pushed = st.manifest.push(ChunkRef { id, len: len as u32 });
+                        let pushed = st.manifest.push(ChunkRef {
+                            id,
+                            len: len as u32,
+                        });
                         if let Err(e) = pushed {
                             warn!(path = %file.path, error = %e, "ingest produced an impossible chunk; stopping");
                             st.ingest = Ingest::Failed { at: Instant::now() };
@@ -558,7 +649,12 @@ async fn run_ingest(weak: Weak<OpenFile>, cache: Arc<CacheInner>) {
                         st.tail.advance(len);
                         st.manifest.clone()
                     };
-                    if let Err(e) = cache.store.index().put_manifest(file.origin.id(), &file.path, &snapshot) {
+                    if let Err(e) =
+                        cache
+                            .store
+                            .index()
+                            .put_manifest(file.origin.id(), &file.path, &snapshot)
+                    {
                         debug!(error = %e, "could not persist the manifest");
                     }
                     file.progress.send_modify(|v| *v += 1);
@@ -597,7 +693,10 @@ async fn run_ingest(weak: Weak<OpenFile>, cache: Arc<CacheInner>) {
         let Some(file) = weak.upgrade() else { return };
         match read {
             Ok(data) => {
-                cache.counters.ingested_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                cache
+                    .counters
+                    .ingested_bytes
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
                 file.state.lock().tail.extend_from_slice(&data);
                 file.progress.send_modify(|v| *v += 1);
                 block = (block * 2).min(MAX_BLOCK);

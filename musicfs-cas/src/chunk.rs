@@ -51,7 +51,9 @@ impl ChunkId {
         if name.len() != 64 || !name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return None;
         }
-        blake3::Hash::from_hex(name).ok().map(|h| Self(*h.as_bytes()))
+        blake3::Hash::from_hex(name)
+            .ok()
+            .map(|h| Self(*h.as_bytes()))
     }
 }
 
@@ -89,7 +91,9 @@ impl ChunkParams {
     /// Checks the bounds against what FastCDC v2020 accepts (it asserts on
     /// them, so they must never reach it unchecked).
     pub fn validate(&self) -> Result<()> {
-        use fastcdc::v2020::{AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MAXIMUM_MIN, MINIMUM_MAX, MINIMUM_MIN};
+        use fastcdc::v2020::{
+            AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MAXIMUM_MIN, MINIMUM_MAX, MINIMUM_MIN,
+        };
         let (min, avg, max) = (self.min as usize, self.avg as usize, self.max as usize);
         let ok = (MINIMUM_MIN..=MINIMUM_MAX).contains(&min)
             && (AVERAGE_MIN..=AVERAGE_MAX).contains(&avg)
@@ -156,14 +160,24 @@ mod tests {
         assert_eq!(ChunkId::from_hex(&id.to_hex()), Some(id));
         assert_eq!(ChunkId::from_hex("abc"), None);
         assert_eq!(ChunkId::from_hex(&id.to_hex().to_uppercase()), None);
-        assert_eq!(ChunkId::from_hex(&format!("{}.tmp", &id.to_hex()[..60])), None);
+        assert_eq!(
+            ChunkId::from_hex(&format!("{}.tmp", &id.to_hex()[..60])),
+            None
+        );
     }
 
     #[test]
     fn default_params_are_valid_and_bad_ones_rejected() {
         ChunkParams::default().validate().unwrap();
-        let bad = ChunkParams { min: 10, avg: 20, max: 30 };
-        assert!(matches!(bad.validate(), Err(CasError::InvalidConfig { .. })));
+        let bad = ChunkParams {
+            min: 10,
+            avg: 20,
+            max: 30,
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(CasError::InvalidConfig { .. })
+        ));
     }
 
     #[test]
@@ -173,7 +187,10 @@ mod tests {
         let cuts = p.cut_all(&data);
         assert_eq!(cuts.iter().sum::<usize>(), data.len());
         for &c in &cuts[..cuts.len() - 1] {
-            assert!(c >= p.min as usize && c <= p.max as usize, "chunk of {c} bytes");
+            assert!(
+                c >= p.min as usize && c <= p.max as usize,
+                "chunk of {c} bytes"
+            );
         }
     }
 

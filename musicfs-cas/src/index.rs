@@ -164,7 +164,11 @@ impl Index {
     fn from_db(db: sled::Db) -> std::result::Result<Self, String> {
         let chunks = db.open_tree(CHUNKS).map_err(|e| e.to_string())?;
         let manifests = db.open_tree(MANIFESTS).map_err(|e| e.to_string())?;
-        Ok(Self { db, chunks, manifests })
+        Ok(Self {
+            db,
+            chunks,
+            manifests,
+        })
     }
 
     /// Every record must decode; one that does not means the database was
@@ -192,7 +196,9 @@ impl Index {
     }
 
     pub fn put_chunk(&self, id: &ChunkId, rec: ChunkRecord) -> Result<()> {
-        self.chunks.insert(id.as_bytes(), &rec.encode()[..]).map_err(sled_err)?;
+        self.chunks
+            .insert(id.as_bytes(), &rec.encode()[..])
+            .map_err(sled_err)?;
         Ok(())
     }
 
@@ -207,7 +213,9 @@ impl Index {
         let mut out = Vec::with_capacity(self.chunks.len());
         for item in self.chunks.iter() {
             let (k, v) = item.map_err(sled_err)?;
-            let Ok(key) = <[u8; 32]>::try_from(&k[..]) else { continue };
+            let Ok(key) = <[u8; 32]>::try_from(&k[..]) else {
+                continue;
+            };
             if let Ok(rec) = ChunkRecord::decode(&v) {
                 out.push((ChunkId::from_bytes(key), rec));
             }
@@ -244,7 +252,9 @@ impl Index {
     }
 
     pub fn remove_manifest(&self, origin: &OriginId, path: &OriginPath) -> Result<()> {
-        self.manifests.remove(manifest_key(origin, path)).map_err(sled_err)?;
+        self.manifests
+            .remove(manifest_key(origin, path))
+            .map_err(sled_err)?;
         Ok(())
     }
 
@@ -335,7 +345,10 @@ mod tests {
 
     #[test]
     fn records_round_trip() {
-        let r = ChunkRecord { size: 7, atime_ns: 9 };
+        let r = ChunkRecord {
+            size: 7,
+            atime_ns: 9,
+        };
         assert_eq!(ChunkRecord::decode(&r.encode()).unwrap(), r);
         assert!(ChunkRecord::decode(&[1, 2, 3]).is_err());
     }
@@ -346,8 +359,16 @@ mod tests {
         let path = dir.path().join("index.sled");
         let o = OriginId::new("lib").unwrap();
         let p = OriginPath::new("Sigur Rós/01 - ágætis.flac").unwrap();
-        let mut m = Manifest::new(FileVersion { size: 5, mtime_ns: Some(1), etag: None });
-        m.push(ChunkRef { id: ChunkId::of(b"abcde"), len: 5 }).unwrap();
+        let mut m = Manifest::new(FileVersion {
+            size: 5,
+            mtime_ns: Some(1),
+            etag: None,
+        });
+        m.push(ChunkRef {
+            id: ChunkId::of(b"abcde"),
+            len: 5,
+        })
+        .unwrap();
         {
             let (idx, report) = Index::open(&path).unwrap();
             assert!(!report.rebuilt);
@@ -373,7 +394,14 @@ mod tests {
         assert!(report.rebuilt, "{report:?}");
         assert!(report.moved_to.as_ref().unwrap().exists());
         assert_eq!(idx.chunk_count(), 0);
-        idx.put_chunk(&ChunkId::of(b"x"), ChunkRecord { size: 1, atime_ns: 1 }).unwrap();
+        idx.put_chunk(
+            &ChunkId::of(b"x"),
+            ChunkRecord {
+                size: 1,
+                atime_ns: 1,
+            },
+        )
+        .unwrap();
     }
 
     #[test]

@@ -71,7 +71,9 @@ pub enum CasError {
     #[error("no origin named '{origin}' is configured")]
     UnknownOrigin { origin: OriginId },
 
-    #[error("the cache disk is unusable ({reason}); reads go straight to the origin until it recovers")]
+    #[error(
+        "the cache disk is unusable ({reason}); reads go straight to the origin until it recovers"
+    )]
     CacheUnavailable { reason: String },
 
     #[error("too many open files at {path}; raise the fd limit (ulimit -n) or lower the cache's max_open_files")]
@@ -111,7 +113,10 @@ impl CasError {
     /// True when the error is about damaged or absent cached data, which a
     /// re-fetch from the origin repairs.
     pub fn is_refetchable(&self) -> bool {
-        matches!(self, CasError::ChunkMissing { .. } | CasError::ChunkCorrupt { .. })
+        matches!(
+            self,
+            CasError::ChunkMissing { .. } | CasError::ChunkCorrupt { .. }
+        )
     }
 }
 

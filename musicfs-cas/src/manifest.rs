@@ -74,7 +74,10 @@ impl Manifest {
         if end > self.version.size || chunk.len == 0 {
             return Err(CasError::CorruptRecord {
                 what: "manifest",
-                reason: format!("chunk of {} bytes ends at {end}, past the file size {}", chunk.len, self.version.size),
+                reason: format!(
+                    "chunk of {} bytes ends at {end}, past the file size {}",
+                    chunk.len, self.version.size
+                ),
             });
         }
         self.chunks.push(chunk);
@@ -163,12 +166,19 @@ impl Manifest {
         if r.remaining() != count.saturating_mul(36) {
             return Err(corrupt("chunk list length does not match its count"));
         }
-        let mut m = Manifest::new(FileVersion { size, mtime_ns, etag });
+        let mut m = Manifest::new(FileVersion {
+            size,
+            mtime_ns,
+            etag,
+        });
         for _ in 0..count {
             let mut id = [0u8; 32];
             id.copy_from_slice(r.take(32)?);
             let len = r.u32()?;
-            m.push(ChunkRef { id: ChunkId::from_bytes(id), len })?;
+            m.push(ChunkRef {
+                id: ChunkId::from_bytes(id),
+                len,
+            })?;
         }
         Ok(m)
     }
@@ -229,7 +239,11 @@ mod tests {
             etag: Some("\"abc\"".into()),
         });
         for (i, len) in [100u32, 150, 50].into_iter().enumerate() {
-            m.push(ChunkRef { id: ChunkId::of(&[i as u8]), len }).unwrap();
+            m.push(ChunkRef {
+                id: ChunkId::of(&[i as u8]),
+                len,
+            })
+            .unwrap();
         }
         m
     }
@@ -239,14 +253,23 @@ mod tests {
         let m = sample();
         assert!(m.is_complete());
         assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
-        let partial = Manifest::new(FileVersion { size: 9, mtime_ns: None, etag: None });
+        let partial = Manifest::new(FileVersion {
+            size: 9,
+            mtime_ns: None,
+            etag: None,
+        });
         assert_eq!(Manifest::decode(&partial.encode()).unwrap(), partial);
     }
 
     #[test]
     fn finds_overlapping_chunks() {
         let m = sample();
-        let starts = |o, l| m.chunks_in(o, l).iter().map(|(s, _)| *s).collect::<Vec<_>>();
+        let starts = |o, l| {
+            m.chunks_in(o, l)
+                .iter()
+                .map(|(s, _)| *s)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(starts(0, 1), vec![0]);
         assert_eq!(starts(99, 2), vec![0, 100]);
         assert_eq!(starts(100, 150), vec![100]);
@@ -256,8 +279,17 @@ mod tests {
 
     #[test]
     fn rejects_chunks_past_the_size() {
-        let mut m = Manifest::new(FileVersion { size: 10, mtime_ns: None, etag: None });
-        assert!(m.push(ChunkRef { id: ChunkId::of(b"x"), len: 11 }).is_err());
+        let mut m = Manifest::new(FileVersion {
+            size: 10,
+            mtime_ns: None,
+            etag: None,
+        });
+        assert!(m
+            .push(ChunkRef {
+                id: ChunkId::of(b"x"),
+                len: 11
+            })
+            .is_err());
     }
 
     proptest! {

@@ -99,7 +99,10 @@ struct Table {
 
 impl Table {
     fn insert(&mut self, id: ChunkId, size: u64) {
-        let e = Entry { size, atime_ns: now_ns() };
+        let e = Entry {
+            size,
+            atime_ns: now_ns(),
+        };
         if let Some(old) = self.entries.insert(id, e) {
             self.total -= old.size;
         }
@@ -207,7 +210,13 @@ impl ChunkStore {
                 Some(rec) => rec.atime_ns,
                 None => {
                     report.index_entries_added += 1;
-                    let _ = index.put_chunk(&id, ChunkRecord { size, atime_ns: mtime_ns });
+                    let _ = index.put_chunk(
+                        &id,
+                        ChunkRecord {
+                            size,
+                            atime_ns: mtime_ns,
+                        },
+                    );
                     mtime_ns
                 }
             };
@@ -222,7 +231,12 @@ impl ChunkStore {
         }
         report.chunks = table.entries.len() as u64;
         report.bytes = table.total;
-        if report.temp_files_removed + report.stray_files_removed + report.index_entries_dropped + report.index_entries_added > 0 {
+        if report.temp_files_removed
+            + report.stray_files_removed
+            + report.index_entries_dropped
+            + report.index_entries_added
+            > 0
+        {
             info!(?report, "cache opened; healed leftovers");
         }
 
@@ -375,17 +389,24 @@ impl ChunkStore {
     }
 
     async fn acquire_io(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
-        self.inner.io.clone().acquire_owned().await.map_err(|_| CasError::CacheUnavailable {
-            reason: "the chunk store is shutting down".into(),
-        })
+        self.inner
+            .io
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| CasError::CacheUnavailable {
+                reason: "the chunk store is shutting down".into(),
+            })
     }
 }
 
 /// Runs blocking filesystem work off the async workers.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| CasError::CacheUnavailable {
-        reason: format!("cache I/O task failed: {e}"),
-    })?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CasError::CacheUnavailable {
+            reason: format!("cache I/O task failed: {e}"),
+        })?
 }
 
 impl Inner {
@@ -422,7 +443,10 @@ impl Inner {
             Err(e) => return Err(self.disk_failed(&e)),
         }
         let size = data.len() as u64;
-        let rec = ChunkRecord { size, atime_ns: now_ns() };
+        let rec = ChunkRecord {
+            size,
+            atime_ns: now_ns(),
+        };
         if let Err(e) = self.index.put_chunk(&id, rec) {
             // The file is the truth; the record is re-added at next open.
             debug!(error = %e, "could not record chunk in the index");
@@ -434,9 +458,14 @@ impl Inner {
 
     fn write_chunk(&self, id: &ChunkId, data: &[u8]) -> std::io::Result<()> {
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.tmp_dir.join(format!("{}.{}.{seq}.tmp", id.to_hex(), std::process::id()));
+        let tmp = self
+            .tmp_dir
+            .join(format!("{}.{}.{seq}.tmp", id.to_hex(), std::process::id()));
         let write = |tmp: &Path| -> std::io::Result<()> {
-            let mut f = fs::OpenOptions::new().write(true).create_new(true).open(tmp)?;
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(tmp)?;
             f.write_all(data)
         };
         if let Err(e) = write(&tmp) {
@@ -551,8 +580,12 @@ impl Inner {
         for id in &victims {
             let _ = self.index.remove_chunk(id);
         }
-        self.counters.evicted_chunks.fetch_add(victims.len() as u64, Ordering::Relaxed);
-        self.counters.evicted_bytes.fetch_add(freed, Ordering::Relaxed);
+        self.counters
+            .evicted_chunks
+            .fetch_add(victims.len() as u64, Ordering::Relaxed);
+        self.counters
+            .evicted_bytes
+            .fetch_add(freed, Ordering::Relaxed);
         freed
     }
 
@@ -575,7 +608,12 @@ impl Inner {
 
     fn unavailable(&self) -> CasError {
         CasError::CacheUnavailable {
-            reason: self.disk.reason.lock().clone().unwrap_or_else(|| "unknown".into()),
+            reason: self
+                .disk
+                .reason
+                .lock()
+                .clone()
+                .unwrap_or_else(|| "unknown".into()),
         }
     }
 
@@ -596,7 +634,9 @@ impl Inner {
     }
 
     fn probe_now(&self) -> bool {
-        let probe = self.tmp_dir.join(format!("probe.{}.tmp", std::process::id()));
+        let probe = self
+            .tmp_dir
+            .join(format!("probe.{}.tmp", std::process::id()));
         let ok = fs::create_dir_all(&self.tmp_dir)
             .and_then(|_| fs::create_dir_all(&self.chunks_dir))
             .and_then(|_| fs::write(&probe, b"musicfs probe"))
@@ -625,7 +665,13 @@ impl Inner {
                 .collect()
         };
         for (id, e) in dirty {
-            self.index.put_chunk(&id, ChunkRecord { size: e.size, atime_ns: e.atime_ns })?;
+            self.index.put_chunk(
+                &id,
+                ChunkRecord {
+                    size: e.size,
+                    atime_ns: e.atime_ns,
+                },
+            )?;
         }
         self.index.flush()
     }
@@ -635,7 +681,9 @@ impl ChunkStore {
     /// Forces a probe regardless of the probe interval (tests, `doctor`).
     pub async fn probe_now(&self) -> bool {
         let inner = self.inner.clone();
-        blocking(move || Ok(inner.probe_now())).await.unwrap_or(false)
+        blocking(move || Ok(inner.probe_now()))
+            .await
+            .unwrap_or(false)
     }
 }
 
@@ -678,12 +726,22 @@ fn scan_shards(dir: &Path, depth: usize, out: &mut Vec<(ChunkId, u64, u64)>, str
             continue;
         }
         let in_right_shard = depth == 2
-            && dir.file_name().map(|s| s.to_string_lossy().into_owned()).as_deref() == name.get(2..4)
-            && dir.parent().and_then(|p| p.file_name()).map(|s| s.to_string_lossy().into_owned()).as_deref() == name.get(0..2);
+            && dir
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .as_deref()
+                == name.get(2..4)
+            && dir
+                .parent()
+                .and_then(|p| p.file_name())
+                .map(|s| s.to_string_lossy().into_owned())
+                .as_deref()
+                == name.get(0..2);
         match ChunkId::from_hex(&name) {
             Some(id) if in_right_shard && meta.is_file() => {
                 use std::os::unix::fs::MetadataExt;
-                let mtime_ns = (meta.mtime().max(0) as u64) * 1_000_000_000 + meta.mtime_nsec().max(0) as u64;
+                let mtime_ns =
+                    (meta.mtime().max(0) as u64) * 1_000_000_000 + meta.mtime_nsec().max(0) as u64;
                 out.push((id, meta.len(), mtime_ns));
             }
             _ => {
@@ -698,7 +756,10 @@ fn scan_shards(dir: &Path, depth: usize, out: &mut Vec<(ChunkId, u64, u64)>, str
 /// A quarter of the soft fd limit, between 8 and 256: the rest is left to
 /// origins, FUSE and sled.
 pub fn default_max_open_files() -> usize {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes into the rlimit struct we own and pass by
     // valid pointer; it has no other effects.
     let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
@@ -754,7 +815,10 @@ mod tests {
     async fn oversized_chunks_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path(), 100 << 20);
-        let err = s.put(Bytes::from(vec![0u8; (4 << 20) + 1])).await.unwrap_err();
+        let err = s
+            .put(Bytes::from(vec![0u8; (4 << 20) + 1]))
+            .await
+            .unwrap_err();
         assert!(matches!(err, CasError::ChunkTooLarge { .. }), "{err}");
         assert_eq!(s.chunk_count(), 0);
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
@@ -809,7 +873,11 @@ mod tests {
         fs::write(dir.path().join("tmp").join("half-written.tmp"), b"par").unwrap();
         fs::write(dir.path().join("chunks").join("junk"), b"x").unwrap();
         // A fresh (empty) index: the chunk files are the truth.
-        let (s, report) = ChunkStore::open(StoreConfig::new(dir.path(), 1 << 20), Index::temporary().unwrap()).unwrap();
+        let (s, report) = ChunkStore::open(
+            StoreConfig::new(dir.path(), 1 << 20),
+            Index::temporary().unwrap(),
+        )
+        .unwrap();
         assert_eq!(report.temp_files_removed, 1);
         assert_eq!(report.stray_files_removed, 1);
         assert_eq!(report.index_entries_added, 1);

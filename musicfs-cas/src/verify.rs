@@ -136,8 +136,16 @@ pub(crate) async fn run(cache: &Cache, repair: bool) -> Result<VerifyReport> {
     for id in &present {
         if !recorded.contains(id) {
             if repair {
-                let size = std::fs::metadata(store.chunk_path(id)).map(|m| m.len()).unwrap_or(0);
-                index.put_chunk(id, crate::index::ChunkRecord { size, atime_ns: now_ns() })?;
+                let size = std::fs::metadata(store.chunk_path(id))
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                index.put_chunk(
+                    id,
+                    crate::index::ChunkRecord {
+                        size,
+                        atime_ns: now_ns(),
+                    },
+                )?;
             }
             report.findings.push(Finding {
                 kind: FindingKind::FileWithoutRecord,
@@ -165,14 +173,25 @@ pub(crate) async fn run(cache: &Cache, repair: bool) -> Result<VerifyReport> {
                 report.findings.push(Finding {
                     kind: FindingKind::DamagedManifest,
                     subject,
-                    detail: m.err().map_or_else(|| "undecodable key".into(), |e| e.to_string()),
+                    detail: m
+                        .err()
+                        .map_or_else(|| "undecodable key".into(), |e| e.to_string()),
                     fix: "drop the manifest; the file is fetched again on its next read".into(),
                     repaired: repair,
                 });
                 continue;
             }
         };
-        check_manifest(cache, &key, &manifest, &present, &corrupt, repair, &mut report).await?;
+        check_manifest(
+            cache,
+            &key,
+            &manifest,
+            &present,
+            &corrupt,
+            repair,
+            &mut report,
+        )
+        .await?;
     }
     if repair {
         store.flush().await?;
@@ -214,8 +233,13 @@ async fn check_manifest(
         let mut repaired = false;
         if repair && !dropped {
             let refetched = match &origin {
-                Some(o) => cache.refetch_chunk(o, path, &manifest.version, start, chunk).await.map(|_| ()),
-                None => Err(crate::CasError::UnknownOrigin { origin: origin_id.clone() }),
+                Some(o) => cache
+                    .refetch_chunk(o, path, &manifest.version, start, chunk)
+                    .await
+                    .map(|_| ()),
+                None => Err(crate::CasError::UnknownOrigin {
+                    origin: origin_id.clone(),
+                }),
             };
             match refetched {
                 Ok(()) => repaired = true,
@@ -235,7 +259,10 @@ async fn check_manifest(
         report.findings.push(Finding {
             kind: FindingKind::MissingChunk,
             subject: format!("{origin_id}:{path}"),
-            detail: format!("chunk {} at offset {start} ({} bytes) is not in the cache", chunk.id, chunk.len),
+            detail: format!(
+                "chunk {} at offset {start} ({} bytes) is not in the cache",
+                chunk.id, chunk.len
+            ),
             fix,
             repaired,
         });
@@ -249,7 +276,9 @@ fn list_chunk_files(dir: &Path) -> HashMap<ChunkId, std::path::PathBuf> {
     let mut out = HashMap::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let p = e.path();
             match e.file_type() {
@@ -278,7 +307,11 @@ impl fmt::Display for VerifyReport {
         )?;
         for x in &self.findings {
             let state = if x.repaired { "repaired" } else { "fix" };
-            writeln!(f, "  {}: {} — {}; {state}: {}", x.kind, x.subject, x.detail, x.fix)?;
+            writeln!(
+                f,
+                "  {}: {} — {}; {state}: {}",
+                x.kind, x.subject, x.detail, x.fix
+            )?;
         }
         Ok(())
     }

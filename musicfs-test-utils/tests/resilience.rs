@@ -5,6 +5,8 @@
 //! must fail) and injects faults with `FaultyOrigin`. Timer logic runs on
 //! tokio's paused clock, so no assertion depends on how busy the machine is.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -434,25 +436,41 @@ async fn cold_first_read_does_not_fetch_the_whole_file() {
     let faulty = FaultyOrigin::new(mem_with(&[("big.flac", data.clone())]));
     // A NAS-like link: 20 ms per request, 20 MB/s.
     let (latency_ms, bw) = (20u64, 20_000_000u64);
-    faulty.set_fault_on(Ops::READ, Fault::Bandwidth { bytes_per_sec: bw, latency_ms });
+    faulty.set_fault_on(
+        Ops::READ,
+        Fault::Bandwidth {
+            bytes_per_sec: bw,
+            latency_ms,
+        },
+    );
     let o: DynOrigin = faulty.clone();
     let mut config = CacheConfig::new(dir.path(), 1 << 30);
     config.readahead = MIB;
     let (cache, _) = Cache::open(config).await.unwrap();
     cache.add_origin(o.clone());
     let meta = o.stat(&p("big.flac")).await.unwrap();
-    let h = cache.open_file(o.id(), &p("big.flac"), &meta).await.unwrap();
+    let h = cache
+        .open_file(o.id(), &p("big.flac"), &meta)
+        .await
+        .unwrap();
     let start = tokio::time::Instant::now();
     let first = h.read(0, 64 * 1024).await.unwrap();
     let ttfb = start.elapsed();
     assert_eq!(&first[..], &data[..64 * 1024]);
     // One origin round trip for 64 KiB, on virtual time.
-    let round_trip = Duration::from_millis(latency_ms) + Duration::from_secs_f64(65536.0 / bw as f64);
-    assert!(ttfb <= round_trip * 2, "first 64 KiB took {ttfb:?}, one round trip is {round_trip:?}");
+    let round_trip =
+        Duration::from_millis(latency_ms) + Duration::from_secs_f64(65536.0 / bw as f64);
+    assert!(
+        ttfb <= round_trip * 2,
+        "first 64 KiB took {ttfb:?}, one round trip is {round_trip:?}"
+    );
     // Let the ingest run as far as it wants (virtual time), then count.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let served = faulty.stats().bytes_served;
-    assert!(served <= 4 * MIB, "a 64 KiB read pulled {served} bytes of a 48 MiB file");
+    assert!(
+        served <= 4 * MIB,
+        "a 64 KiB read pulled {served} bytes of a 48 MiB file"
+    );
 }
 
 #[tokio::test]
@@ -746,15 +764,26 @@ struct Tmpfs {
 }
 
 fn mount(args: &[&str], target: &Path) {
-    let st = Command::new("mount").args(args).arg(target).status().expect("run mount");
-    assert!(st.success(), "mount {args:?} {} failed (these tests run as root)", target.display());
+    let st = Command::new("mount")
+        .args(args)
+        .arg(target)
+        .status()
+        .expect("run mount");
+    assert!(
+        st.success(),
+        "mount {args:?} {} failed (these tests run as root)",
+        target.display()
+    );
 }
 
 impl Tmpfs {
     fn new(size: &str) -> Self {
         let backing = TempDir::new().unwrap();
         let view = TempDir::new().unwrap();
-        mount(&["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"], backing.path());
+        mount(
+            &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"],
+            backing.path(),
+        );
         mount(&["--bind", &backing.path().to_string_lossy()], view.path());
         Self { backing, view }
     }
@@ -766,20 +795,32 @@ impl Tmpfs {
     /// The cache disk turns read-only: same files, no writes.
     fn make_read_only(&self) {
         let _ = Command::new("umount").arg("-l").arg(self.path()).status();
-        mount(&["--bind", &self.backing.path().to_string_lossy()], self.path());
+        mount(
+            &["--bind", &self.backing.path().to_string_lossy()],
+            self.path(),
+        );
         mount(&["-o", "remount,ro,bind"], self.path());
     }
 
     fn make_writable(&self) {
         let _ = Command::new("umount").arg("-l").arg(self.path()).status();
-        mount(&["--bind", &self.backing.path().to_string_lossy()], self.path());
+        mount(
+            &["--bind", &self.backing.path().to_string_lossy()],
+            self.path(),
+        );
     }
 }
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.view.path()).status();
-        let _ = Command::new("umount").arg("-l").arg(self.backing.path()).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.view.path())
+            .status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.backing.path())
+            .status();
     }
 }
 
