@@ -329,7 +329,6 @@ pub fn write_file(root: &Path, rel: &str, data: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, Instant};
 
     #[test]
     fn pseudo_random_bytes_are_deterministic_and_seed_dependent() {
@@ -417,9 +416,7 @@ mod tests {
         let dest = cache_dir(&tool, &spec).unwrap();
         assert_eq!(root, dest);
         let generations = *generation_lock(&dest).lock();
-        let start = Instant::now();
         let again = make_library(&spec).unwrap();
-        assert!(start.elapsed() < Duration::from_secs(1));
         assert_eq!(again, root);
         assert_eq!(*generation_lock(&dest).lock(), generations);
         assert_eq!(library_files(&again), files);
