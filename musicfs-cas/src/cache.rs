@@ -39,7 +39,7 @@ use tracing::{debug, info, warn};
 
 use crate::index::{log_rebuild, Index, IndexOpenReport};
 use crate::manifest::{ChunkRef, FileVersion, Manifest};
-use crate::store::{ChunkStore, OpenReport, StoreConfig};
+use crate::store::{ChunkStore, OpenReport, PinGuard, StoreConfig};
 use crate::{CasError, ChunkId, ChunkParams, Result};
 
 /// First ingest request; doubles per request up to [`MAX_BLOCK`].
@@ -152,6 +152,9 @@ struct FileState {
     tail: BytesMut,
     want_until: u64,
     ingest: Ingest,
+    /// The origin no longer has this version: never persist or extend the
+    /// manifest again.
+    stale: bool,
 }
 
 #[derive(Debug)]
@@ -161,7 +164,7 @@ enum Ingest {
     Failed {
         at: Instant,
     },
-    /// The cache disk is unusable: no more ingest for this open.
+    /// Chunks could not be stored; restarts once the store is healthy.
     Stopped,
     Done,
 }
@@ -252,13 +255,19 @@ impl Cache {
         })?;
         let version = FileVersion::of(meta);
         let key = (origin.clone(), path.clone());
-        if let Some(file) = self.inner.open.lock().get(&key).and_then(Weak::upgrade) {
+        // One lock over lookup and insert: two opens of one file must share
+        // one OpenFile (and so one ingest).
+        let mut open = self.inner.open.lock();
+        if let Some(file) = open.get(&key).and_then(Weak::upgrade) {
             if file.version == version {
                 return Ok(FileHandle {
                     file,
                     cache: self.inner.clone(),
                 });
             }
+            // An older version is still open: it must not write its manifest
+            // over the new one's.
+            file.state.lock().stale = true;
         }
         let manifest = match self.index().manifest(origin, path) {
             Ok(Some(m)) if m.version == version => m,
@@ -287,10 +296,10 @@ impl Cache {
                 tail: BytesMut::new(),
                 want_until: 0,
                 ingest,
+                stale: false,
             }),
             progress: watch::channel(0).0,
         });
-        let mut open = self.inner.open.lock();
         open.retain(|_, w| w.strong_count() > 0);
         open.insert(key, Arc::downgrade(&file));
         Ok(FileHandle {
@@ -373,9 +382,7 @@ impl FileHandle {
         let mut pos = offset;
         while pos < end {
             match self.next_step(pos, end) {
-                Step::Chunks(chunks) => {
-                    let ids: Vec<ChunkId> = chunks.iter().map(|(_, c)| c.id).collect();
-                    let _pin = self.cache.store.pin(&ids);
+                Step::Chunks(chunks, _pin) => {
                     for (start, chunk) in chunks {
                         let data = self.chunk_bytes(start, chunk).await?;
                         let from = (pos - start) as usize;
@@ -432,7 +439,12 @@ impl FileHandle {
             self.maybe_start_ingest(&mut st);
         }
         if pos < covered {
-            return Step::Chunks(st.manifest.chunks_in(pos, end.min(covered) - pos));
+            let chunks = st.manifest.chunks_in(pos, end.min(covered) - pos);
+            // Pinned before the lock drops, so eviction cannot slip in
+            // between choosing the chunks and reading them.
+            let ids: Vec<ChunkId> = chunks.iter().map(|(_, c)| c.id).collect();
+            let pin = self.cache.store.pin(&ids);
+            return Step::Chunks(chunks, pin);
         }
         if pos < buffered_end {
             let from = (pos - covered) as usize;
@@ -449,19 +461,24 @@ impl FileHandle {
 
     fn maybe_start_ingest(&self, st: &mut FileState) {
         let startable = match st.ingest {
-            Ingest::Idle => true,
+            Ingest::Idle | Ingest::Stopped => true,
             Ingest::Failed { at } => at.elapsed() >= INGEST_RETRY_AFTER,
-            Ingest::Running | Ingest::Stopped | Ingest::Done => false,
+            Ingest::Running | Ingest::Done => false,
         };
-        if !startable
+        if st.stale
+            || !startable
             || st.buffered_end() >= st.want_until
             || st.buffered_end() >= self.file.version.size
         {
             return;
         }
         if self.cache.store.degraded().is_some() {
-            // Passthrough; the store's own probe decides when to resume, and
-            // the next open of the file starts ingesting again.
+            // Passthrough. Reads drive the store's recovery: a probe every
+            // few seconds, and the ingest resumes once the disk works.
+            if self.cache.store.probe_due() {
+                let store = self.cache.store.clone();
+                tokio::spawn(async move { store.probe().await });
+            }
             return;
         }
         st.ingest = Ingest::Running;
@@ -477,7 +494,8 @@ impl FileHandle {
             Ok(b) => Ok(b),
             Err(e) if e.is_refetchable() => {
                 warn!(chunk = %chunk.id, path = %self.file.path, error = %e, "re-fetching chunk from the origin");
-                self.cache
+                let r = self
+                    .cache
                     .refetch_chunk(
                         &self.file.origin,
                         &self.file.path,
@@ -485,7 +503,9 @@ impl FileHandle {
                         start,
                         chunk,
                     )
-                    .await
+                    .await;
+                self.mark_stale_on_change(&r);
+                r
             }
             Err(
                 e @ (CasError::Io { .. }
@@ -503,17 +523,38 @@ impl FileHandle {
                         u64::from(chunk.len),
                     )
                     .await?;
-                self.cache
-                    .check_chunk(&self.file.origin, &self.file.path, chunk, &data)?;
-                Ok(data)
+                let checked = self
+                    .cache
+                    .check_chunk(&self.file.origin, &self.file.path, chunk, &data)
+                    .map(|()| data);
+                self.mark_stale_on_change(&checked);
+                checked
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// After the origin showed other bytes than the manifest's, this open
+    /// file must neither serve nor persist the old manifest again.
+    fn mark_stale_on_change<T>(&self, r: &Result<T>) {
+        if let Err(CasError::OriginChanged { .. }) = r {
+            let mut st = self.file.state.lock();
+            st.stale = true;
+            st.manifest = Manifest::new(self.file.version.clone());
+            st.tail.clear();
+            drop(st);
+            let _ = self
+                .cache
+                .store
+                .index()
+                .remove_manifest(self.file.origin.id(), &self.file.path);
+            self.file.progress.send_modify(|v| *v += 1);
         }
     }
 }
 
 enum Step {
-    Chunks(Vec<(u64, ChunkRef)>),
+    Chunks(Vec<(u64, ChunkRef)>, PinGuard),
     Buffered(Bytes),
     Wait(watch::Receiver<u64>),
     Direct(u64),
@@ -590,7 +631,8 @@ impl CacheInner {
             self.origin_read(origin, path, version.size, start, u64::from(chunk.len))
                 .await?
         } else {
-            // The whole file is what such an origin costs anyway.
+            // The whole file is what such an origin costs anyway: store all
+            // of it, so the file's next missing chunk is no new fetch.
             let whole = self
                 .origin_read(origin, path, version.size, 0, version.size)
                 .await?;
@@ -601,6 +643,13 @@ impl CacheInner {
                     path: path.to_string(),
                     reason: "file is shorter than its manifest".into(),
                 });
+            }
+            let mut pos = 0;
+            for n in self.config.chunk_params.cut_all(&whole) {
+                if pos as u64 != start {
+                    let _ = self.store.put(whole.slice(pos..pos + n)).await;
+                }
+                pos += n;
             }
             whole.slice(start as usize..end as usize)
         };
@@ -635,6 +684,10 @@ async fn run_ingest(weak: Weak<OpenFile>, cache: Arc<CacheInner>) {
                 Ok(id) => {
                     let snapshot = {
                         let mut st = file.state.lock();
+                        if st.stale {
+                            st.ingest = Ingest::Failed { at: Instant::now() };
+                            return;
+                        }
                         let pushed = st.manifest.push(ChunkRef {
                             id,
                             len: len as u32,
@@ -663,7 +716,10 @@ async fn run_ingest(weak: Weak<OpenFile>, cache: Arc<CacheInner>) {
                     // Passthrough from here: the buffered bytes keep serving
                     // readers, everything past them comes from the origin.
                     debug!(path = %file.path, error = %e, eof, "cannot store chunks; ingest stops");
-                    file.state.lock().ingest = Ingest::Stopped;
+                    file.state.lock().ingest = match e {
+                        CasError::CacheUnavailable { .. } => Ingest::Stopped,
+                        _ => Ingest::Failed { at: Instant::now() },
+                    };
                     file.progress.send_modify(|v| *v += 1);
                     return;
                 }

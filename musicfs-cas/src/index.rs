@@ -97,11 +97,20 @@ impl Index {
                     path: path.to_owned(),
                 })
             }
+            Err(OpenFailure::Disk(reason)) => {
+                // The disk, not the index, is the problem: keep the files
+                // for when it works again and run on an in-memory index.
+                warn!(path = %path.display(), %reason, "cannot open the index on the cache disk; keeping it in memory for now");
+                report.reason = Some(reason);
+                report.in_memory = true;
+                return Ok((Self::temporary()?, report));
+            }
             Err(OpenFailure::Other(reason)) => report.reason = Some(reason),
         }
         report.rebuilt = true;
         let reason = report.reason.clone().unwrap_or_default();
         if path.exists() {
+            remove_old_broken_copies(path);
             let aside = path.with_file_name(format!("index.sled.broken-{}", unix_secs()));
             match std::fs::rename(path, &aside) {
                 Ok(()) => report.moved_to = Some(aside),
@@ -117,7 +126,7 @@ impl Index {
             Err(e) => {
                 let why = match e {
                     OpenFailure::Locked => "locked".to_owned(),
-                    OpenFailure::Other(r) => r,
+                    OpenFailure::Disk(r) | OpenFailure::Other(r) => r,
                 };
                 warn!(path = %path.display(), error = %why, "cannot create an index on the cache disk; keeping it in memory");
                 report.in_memory = true;
@@ -152,6 +161,20 @@ impl Index {
                 if let sled::Error::Io(io) = &e {
                     if io.kind() == std::io::ErrorKind::WouldBlock || msg.contains("lock") {
                         return Err(OpenFailure::Locked);
+                    }
+                    if matches!(
+                        io.raw_os_error(),
+                        Some(
+                            libc::EMFILE
+                                | libc::ENFILE
+                                | libc::ENOSPC
+                                | libc::EACCES
+                                | libc::EROFS
+                                | libc::EIO
+                                | libc::EDQUOT
+                        )
+                    ) {
+                        return Err(OpenFailure::Disk(format!("sled could not open it: {msg}")));
                     }
                 }
                 return Err(OpenFailure::Other(format!("sled could not open it: {msg}")));
@@ -300,7 +323,26 @@ pub struct ManifestEntry {
 
 enum OpenFailure {
     Locked,
+    /// The disk failed (fds, space, permissions, I/O): not the index's fault.
+    Disk(String),
     Other(String),
+}
+
+/// Keeps one earlier damaged copy at most: they are for post-mortems, and
+/// must not fill the cache disk over repeated crashes.
+fn remove_old_broken_copies(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let prefix = format!("{}.broken-", name.to_string_lossy());
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 fn manifest_key(origin: &OriginId, path: &OriginPath) -> Vec<u8> {

@@ -311,6 +311,17 @@ impl ChunkStore {
         }
     }
 
+    /// True when the store is degraded and the probe interval has passed.
+    pub fn probe_due(&self) -> bool {
+        self.inner.disk.degraded.load(Ordering::SeqCst)
+            && !self
+                .inner
+                .disk
+                .last_failure
+                .lock()
+                .is_some_and(|t| t.elapsed() < PROBE_INTERVAL)
+    }
+
     /// Pins `ids` against eviction until the guard drops.
     pub fn pin(&self, ids: &[ChunkId]) -> PinGuard {
         let mut t = self.inner.table.lock();
@@ -417,8 +428,13 @@ impl Inner {
 
     fn put_sync(&self, data: &[u8]) -> Result<ChunkId> {
         let id = ChunkId::of(data);
-        if let Some(e) = self.table.lock().entries.get_mut(&id) {
-            e.atime_ns = now_ns();
+        let known = self.table.lock().entries.contains_key(&id);
+        // A listed chunk whose file is gone must be written again, not
+        // counted as a dedup hit (one stat per hit is cheap next to a write).
+        if known && self.chunk_path(&id).exists() {
+            if let Some(e) = self.table.lock().entries.get_mut(&id) {
+                e.atime_ns = now_ns();
+            }
             self.counters.dedup_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(id);
         }
@@ -508,8 +524,11 @@ impl Inner {
                 return Err(CasError::ChunkMissing { id: *id });
             }
             Err(e) => {
+                // One unreadable chunk (EIO) is dropped and fetched again;
+                // the disk is declared dead only when writes fail too.
                 if e.raw_os_error() == Some(libc::EIO) {
-                    self.disk_failed(&e);
+                    warn!(chunk = %id, error = %e, "unreadable chunk file dropped");
+                    self.forget(id, true);
                 }
                 return Err(CasError::io(path, e));
             }
@@ -521,18 +540,32 @@ impl Inner {
             self.forget(id, true);
             return Err(CasError::ChunkCorrupt { id: *id, actual });
         }
-        if let Some(e) = self.table.lock().entries.get_mut(id) {
+        let mut t = self.table.lock();
+        if let Some(e) = t.entries.get_mut(id) {
             e.atime_ns = now_ns();
+            t.dirty.insert(*id);
         }
-        self.table.lock().dirty.insert(*id);
         Ok(Bytes::from(data))
     }
 
     /// Drops a chunk from the table and index, and its file when asked.
+    /// Drops a chunk from the table and index, removing its file when
+    /// `unlink` (else only if the file is really gone: a concurrent put may
+    /// have just re-created it). An entry whose file cannot be removed stays
+    /// counted, so the size keeps matching the disk.
     fn forget(&self, id: &ChunkId, unlink: bool) {
+        let path = self.chunk_path(id);
         let mut t = self.table.lock();
-        if unlink {
-            let _ = fs::remove_file(self.chunk_path(id));
+        let gone = if unlink {
+            match fs::remove_file(&path) {
+                Ok(()) => true,
+                Err(e) => e.kind() == ErrorKind::NotFound,
+            }
+        } else {
+            !path.exists()
+        };
+        if !gone {
+            return;
         }
         t.remove(id);
         drop(t);
@@ -769,7 +802,7 @@ pub fn default_max_open_files() -> usize {
     ((lim.rlim_cur / 4) as usize).clamp(8, 256)
 }
 
-/// Bytes in files under `dir`, recursively, skipping `index.sled` (what the
+/// Bytes in files under `dir`, recursively, skipping `index.sled*` (what the
 /// chunk tree costs on disk, for `status` and the size-accounting tests).
 pub fn disk_usage(dir: &Path) -> u64 {
     let Ok(rd) = fs::read_dir(dir) else { return 0 };
@@ -777,7 +810,11 @@ pub fn disk_usage(dir: &Path) -> u64 {
     for entry in rd.flatten() {
         let Ok(meta) = entry.metadata() else { continue };
         if meta.is_dir() {
-            if entry.file_name() != "index.sled" {
+            if !entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("index.sled")
+            {
                 total += disk_usage(&entry.path());
             }
         } else if meta.is_file() {

@@ -93,7 +93,26 @@ pub(crate) async fn run(cache: &Cache, repair: bool) -> Result<VerifyReport> {
         let bytes = tokio::task::spawn_blocking(move || std::fs::read(p)).await;
         let data = match bytes {
             Ok(Ok(d)) => d,
-            _ => continue,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            other => {
+                let why = match other {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "the read task failed".to_owned(),
+                };
+                if repair {
+                    store.remove(*id).await?;
+                } else {
+                    corrupt.insert(*id);
+                }
+                report.findings.push(Finding {
+                    kind: FindingKind::CorruptChunk,
+                    subject: id.to_hex(),
+                    detail: format!("unreadable: {why}"),
+                    fix: "remove the file; it is fetched again when needed".into(),
+                    repaired: repair,
+                });
+                continue;
+            }
         };
         report.chunks_checked += 1;
         report.bytes_checked += data.len() as u64;
