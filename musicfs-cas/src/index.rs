@@ -84,7 +84,7 @@ impl Index {
     /// Opens the index at `path`, healing it as described in the module docs.
     pub fn open(path: &Path) -> Result<(Self, IndexOpenReport)> {
         let mut report = IndexOpenReport::default();
-        match Self::try_open(path) {
+        match Self::try_open_waiting(path) {
             Ok(index) => match index.validate() {
                 Ok(()) => return Ok((index, report)),
                 Err(reason) => {
@@ -144,6 +144,22 @@ impl Index {
             .open()
             .map_err(sled_err)?;
         Self::from_db(db).map_err(|r| CasError::Index { reason: r })
+    }
+
+    /// sled releases its file lock from a background thread shortly after
+    /// the last handle drops, so a reopen in the same process (a restart of
+    /// the cache, tests) may briefly see it locked: wait up to 2 s for it.
+    fn try_open_waiting(path: &Path) -> std::result::Result<Self, OpenFailure> {
+        let mut attempts = 0;
+        loop {
+            match Self::try_open(path) {
+                Err(OpenFailure::Locked) if attempts < 20 => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                other => return other,
+            }
+        }
     }
 
     fn try_open(path: &Path) -> std::result::Result<Self, OpenFailure> {
