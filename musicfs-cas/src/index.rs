@@ -18,11 +18,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use musicfs_origins::{OriginId, OriginPath};
 use tracing::{info, warn};
 
+use crate::listing::Listing;
 use crate::manifest::Manifest;
 use crate::{CasError, ChunkId, Result};
 
 const CHUNKS: &str = "chunks";
 const MANIFESTS: &str = "manifests";
+const LISTINGS: &str = "listings";
 
 /// What the index remembers of one chunk file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +74,7 @@ pub struct Index {
     db: sled::Db,
     chunks: sled::Tree,
     manifests: sled::Tree,
+    listings: sled::Tree,
 }
 
 fn sled_err(e: sled::Error) -> CasError {
@@ -203,10 +206,12 @@ impl Index {
     fn from_db(db: sled::Db) -> std::result::Result<Self, String> {
         let chunks = db.open_tree(CHUNKS).map_err(|e| e.to_string())?;
         let manifests = db.open_tree(MANIFESTS).map_err(|e| e.to_string())?;
+        let listings = db.open_tree(LISTINGS).map_err(|e| e.to_string())?;
         Ok(Self {
             db,
             chunks,
             manifests,
+            listings,
         })
     }
 
@@ -321,6 +326,42 @@ impl Index {
 
     pub fn manifest_count(&self) -> usize {
         self.manifests.len()
+    }
+
+    /// The cached listing of a directory, if one is stored and decodes (a
+    /// damaged one is dropped: it is only a cache of the origin).
+    pub fn listing(&self, origin: &OriginId, dir: &OriginPath) -> Result<Option<Listing>> {
+        let key = manifest_key(origin, dir);
+        let Some(bytes) = self.listings.get(&key).map_err(sled_err)? else {
+            return Ok(None);
+        };
+        match Listing::decode(&bytes) {
+            Ok(l) => Ok(Some(l)),
+            Err(e) => {
+                warn!(%origin, %dir, error = %e, "dropping a damaged directory listing");
+                self.listings.remove(&key).map_err(sled_err)?;
+                Ok(None)
+            }
+        }
+    }
+
+    pub fn put_listing(
+        &self,
+        origin: &OriginId,
+        dir: &OriginPath,
+        listing: &Listing,
+    ) -> Result<()> {
+        self.listings
+            .insert(manifest_key(origin, dir), listing.encode())
+            .map_err(sled_err)?;
+        Ok(())
+    }
+
+    pub fn remove_listing(&self, origin: &OriginId, dir: &OriginPath) -> Result<()> {
+        self.listings
+            .remove(manifest_key(origin, dir))
+            .map_err(sled_err)?;
+        Ok(())
     }
 
     pub fn flush(&self) -> Result<()> {

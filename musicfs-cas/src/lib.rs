@@ -22,6 +22,7 @@
 pub mod cache;
 pub mod chunk;
 pub mod index;
+pub mod listing;
 pub mod manifest;
 pub mod store;
 pub mod verify;
@@ -29,6 +30,7 @@ pub mod verify;
 pub use cache::{Cache, CacheConfig, CacheStats, FileHandle};
 pub use chunk::{ChunkId, ChunkParams};
 pub use index::Index;
+pub use listing::Listing;
 pub use manifest::{ChunkRef, FileVersion, Manifest};
 pub use store::{ChunkStore, StoreConfig};
 pub use verify::{Finding, FindingKind, VerifyReport};
