@@ -1,0 +1,118 @@
+//! `musicfs`: mount a music library through a self-healing chunk cache, and
+//! inspect, verify and diagnose its cache.
+//!
+//! Exit codes: 0 success; 1 a runtime failure or remaining damage (the
+//! message says what happened); 2 bad input (the message says what to fix).
+
+mod config;
+mod doctor;
+mod lock;
+mod mount;
+mod status;
+mod verify;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "musicfs", version, about = "A read-only filesystem for music libraries on a NAS, a server or object storage, through a verified, self-healing local cache.")]
+struct Cli {
+    /// Log level (error, warn, info, debug, trace); RUST_LOG wins when set.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Mount origins read-only at MOUNTPOINT and serve them until SIGINT/SIGTERM or unmount.
+    ///
+    /// Each origin appears at MOUNTPOINT/NAME/. A dead mount left by a crash
+    /// at MOUNTPOINT is cleaned up first.
+    Mount(mount::MountArgs),
+    /// Show the running mount's origins, cache use, hit ratio and health.
+    Status {
+        /// Cache directory [default: $XDG_CACHE_HOME/musicfs or ~/.cache/musicfs]
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hash every cached chunk and check the index; --repair fixes what it finds.
+    ///
+    /// Runs on the cache of a stopped mount (it takes the cache lock).
+    /// Exit 0 when clean (or clean after repair), 1 when damage remains.
+    Verify {
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Remove corrupt chunks, drop orphaned records and damaged manifests, re-fetch missing chunks where the origin is known.
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check what can go wrong (lock holder, stale mounts, disk, fds, origins, index) and say how to fix it.
+    ///
+    /// Exit 0 when nothing needs action, 1 otherwise.
+    Doctor {
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Also check this mountpoint.
+        #[arg(long, value_name = "DIR")]
+        mountpoint: Option<PathBuf>,
+    },
+}
+
+fn init_logging(level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level.unwrap_or("info")));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Mount(args) => {
+            init_logging(cli.log_level.as_deref().or(args.log_level_hint()));
+            mount::run(args)
+        }
+        Command::Status { cache_dir, json } => {
+            init_logging(Some(cli.log_level.as_deref().unwrap_or("warn")));
+            status_cmd(cache_dir, json)
+        }
+        Command::Verify { cache_dir, repair, json } => {
+            init_logging(Some(cli.log_level.as_deref().unwrap_or("warn")));
+            verify::run(cache_dir.unwrap_or_else(config::default_cache_dir), repair, json)
+        }
+        Command::Doctor { cache_dir, mountpoint } => {
+            init_logging(Some(cli.log_level.as_deref().unwrap_or("warn")));
+            doctor::run(cache_dir.unwrap_or_else(config::default_cache_dir), mountpoint)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(u) = e.downcast_ref::<config::UsageError>() {
+                eprintln!("musicfs: {u}");
+                return ExitCode::from(2);
+            }
+            eprintln!("musicfs: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn status_cmd(cache_dir: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
+    let dir = cache_dir.unwrap_or_else(config::default_cache_dir);
+    let report = status::query(&dir).unwrap_or_else(|| status::offline_report(&dir));
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        status::print(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}

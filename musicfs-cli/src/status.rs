@@ -1,0 +1,219 @@
+//! `musicfs status`, and the Unix socket the running mount answers it on.
+//!
+//! The mount listens on `CACHE/musicfs.sock`; each connection gets one JSON
+//! [`StatusReport`] and is closed. When no mount answers, `status` reports
+//! what the cache directory holds, read without taking the lock.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Result;
+use musicfs_cas::Cache;
+use musicfs_origins::{HealthMonitor, HealthState};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+
+use crate::config::human_size;
+use crate::lock;
+
+pub const SOCKET: &str = "musicfs.sock";
+pub const MOUNT_INFO: &str = "mount.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OriginInfo {
+    pub name: String,
+    pub location: PathBuf,
+}
+
+/// What the mount records about itself in the cache dir, for `status` and
+/// `doctor` when it is not running.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountInfo {
+    pub pid: u32,
+    pub mountpoint: PathBuf,
+    pub origins: Vec<OriginInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OriginStatus {
+    pub name: String,
+    pub location: Option<PathBuf>,
+    pub state: String,
+    pub latency_ms: Option<u64>,
+    pub last_error: Option<String>,
+    pub state_since_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub running: bool,
+    pub pid: Option<u32>,
+    pub mountpoint: Option<PathBuf>,
+    pub cache_dir: PathBuf,
+    pub cache_size: u64,
+    pub cache_limit: Option<u64>,
+    pub chunks: u64,
+    pub hit_ratio: Option<f64>,
+    pub hit_bytes: u64,
+    pub origin_bytes: u64,
+    pub degraded: Option<String>,
+    pub origins: Vec<OriginStatus>,
+}
+
+pub fn live_report(cache_dir: &Path, info: &MountInfo, cache: &Cache, health: &HealthMonitor) -> StatusReport {
+    let stats = cache.stats();
+    let served = stats.hit_bytes + stats.origin_bytes;
+    let origins = health
+        .statuses()
+        .into_iter()
+        .map(|(id, h)| OriginStatus {
+            location: info.origins.iter().find(|o| o.name == id.as_str()).map(|o| o.location.clone()),
+            name: id.to_string(),
+            state: match h.state {
+                HealthState::Healthy => "healthy",
+                HealthState::Unhealthy => "unhealthy",
+                HealthState::Unknown => "unknown",
+            }
+            .to_owned(),
+            latency_ms: h.last_latency.map(|d| d.as_millis() as u64),
+            last_error: h.last_error,
+            state_since_secs: SystemTime::now().duration_since(h.since).ok().map(|d| d.as_secs()),
+        })
+        .collect();
+    StatusReport {
+        running: true,
+        pid: Some(info.pid),
+        mountpoint: Some(info.mountpoint.clone()),
+        cache_dir: cache_dir.to_owned(),
+        cache_size: stats.size,
+        cache_limit: Some(stats.max_size),
+        chunks: stats.chunks,
+        hit_ratio: (served > 0).then(|| stats.hit_bytes as f64 / served as f64),
+        hit_bytes: stats.hit_bytes,
+        origin_bytes: stats.origin_bytes,
+        degraded: stats.degraded,
+        origins,
+    }
+}
+
+/// Serves status on `CACHE/musicfs.sock` until the task is aborted.
+pub fn serve(cache_dir: PathBuf, info: MountInfo, cache: Cache, health: Arc<HealthMonitor>) -> Result<tokio::task::JoinHandle<()>> {
+    let path = cache_dir.join(SOCKET);
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else { continue };
+            let report = live_report(&cache_dir, &info, &cache, &health);
+            let body = serde_json::to_vec(&report).unwrap_or_default();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.write_all(&body)).await;
+            });
+        }
+    }))
+}
+
+/// Asks a running mount; `None` when none answers.
+pub fn query(cache_dir: &Path) -> Option<StatusReport> {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(cache_dir.join(SOCKET)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    serde_json::from_slice(&buf).ok()
+}
+
+pub fn read_mount_info(cache_dir: &Path) -> Option<MountInfo> {
+    let text = std::fs::read(cache_dir.join(MOUNT_INFO)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// What a stopped cache dir holds, without opening (or locking) it.
+pub fn offline_report(cache_dir: &Path) -> StatusReport {
+    let chunks_dir = cache_dir.join("chunks");
+    let mut chunks = 0;
+    let mut stack = vec![chunks_dir];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() => chunks += 1,
+                _ => {}
+            }
+        }
+    }
+    let info = read_mount_info(cache_dir);
+    let holder = lock::holder(cache_dir);
+    StatusReport {
+        running: false,
+        pid: holder.and_then(|(pid, _)| pid),
+        mountpoint: info.as_ref().map(|i| i.mountpoint.clone()),
+        cache_dir: cache_dir.to_owned(),
+        cache_size: musicfs_cas::store::disk_usage(&cache_dir.join("chunks")),
+        cache_limit: None,
+        chunks,
+        hit_ratio: None,
+        hit_bytes: 0,
+        origin_bytes: 0,
+        degraded: None,
+        origins: info
+            .map(|i| {
+                i.origins
+                    .into_iter()
+                    .map(|o| OriginStatus {
+                        name: o.name,
+                        location: Some(o.location),
+                        state: "not checked (no mount running)".into(),
+                        latency_ms: None,
+                        last_error: None,
+                        state_since_secs: None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+pub fn print(r: &StatusReport) {
+    if r.running {
+        println!(
+            "musicfs: running (PID {}) at {}",
+            r.pid.map_or_else(|| "?".into(), |p| p.to_string()),
+            r.mountpoint.as_deref().map_or_else(|| "?".into(), |m| m.display().to_string())
+        );
+    } else {
+        match r.pid {
+            Some(pid) => println!("musicfs: PID {pid} holds the cache lock but does not answer on {SOCKET}"),
+            None => println!("musicfs: not running"),
+        }
+    }
+    println!("cache:   {}", r.cache_dir.display());
+    match r.cache_limit {
+        Some(limit) => println!("  size   {} of {} ({} chunks)", human_size(r.cache_size), human_size(limit), r.chunks),
+        None => println!("  size   {} ({} chunks)", human_size(r.cache_size), r.chunks),
+    }
+    if let Some(h) = r.hit_ratio {
+        println!(
+            "  hits   {:.1}% ({} from cache, {} straight from origins)",
+            h * 100.0,
+            human_size(r.hit_bytes),
+            human_size(r.origin_bytes)
+        );
+    }
+    match &r.degraded {
+        Some(why) => println!("  state  DEGRADED: {why} (reads go to the origins; recovers by itself)"),
+        None if r.running => println!("  state  ok"),
+        None => {}
+    }
+    if !r.origins.is_empty() {
+        println!("origins:");
+    }
+    for o in &r.origins {
+        let loc = o.location.as_deref().map_or_else(String::new, |l| format!(" ({})", l.display()));
+        let lat = o.latency_ms.map_or_else(String::new, |l| format!(", {l} ms"));
+        let err = o.last_error.as_deref().map_or_else(String::new, |e| format!(": {e}"));
+        println!("  {}{loc}: {}{lat}{err}", o.name, o.state);
+    }
+}
