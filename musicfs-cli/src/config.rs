@@ -47,8 +47,13 @@ impl FileConfig {
     pub fn load(path: &Path) -> Result<Self, UsageError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| usage(format!("cannot read config file {}: {e}", path.display())))?;
-        toml::from_str(&text)
-            .map_err(|e| usage(format!("config file {} is not valid: {}", path.display(), e.message())))
+        toml::from_str(&text).map_err(|e| {
+            usage(format!(
+                "config file {} is not valid: {}",
+                path.display(),
+                e.message()
+            ))
+        })
     }
 }
 
@@ -71,7 +76,9 @@ pub fn parse_origin(spec: &str) -> Result<OriginSpec, UsageError> {
         )));
     }
     if location.is_empty() {
-        return Err(usage(format!("origin '{spec}': the location is empty; give a directory path")));
+        return Err(usage(format!(
+            "origin '{spec}': the location is empty; give a directory path"
+        )));
     }
     let location = PathBuf::from(location);
     let name = match name {
@@ -81,17 +88,24 @@ pub fn parse_origin(spec: &str) -> Result<OriginSpec, UsageError> {
             .next_back()
             .map(|c| c.as_os_str().to_string_lossy().into_owned())
             .filter(|n| n != "/" && n != "." && n != "..")
-            .ok_or_else(|| usage(format!("origin '{spec}': cannot name it after its path; use NAME={spec}")))?,
+            .ok_or_else(|| {
+                usage(format!(
+                    "origin '{spec}': cannot name it after its path; use NAME={spec}"
+                ))
+            })?,
     };
-    let name = OriginId::new(&name)
-        .map_err(|e| usage(format!("origin '{spec}': {e}")))?;
+    let name = OriginId::new(&name).map_err(|e| usage(format!("origin '{spec}': {e}")))?;
     Ok(OriginSpec { name, location })
 }
 
 /// `512M`, `20G`, `1.5T`, `4096` (bytes). Units are binary (K = 1024).
 pub fn parse_size(text: &str) -> Result<u64, UsageError> {
     let t = text.trim();
-    let bad = || usage(format!("cannot read size '{text}': use bytes or a number with K, M, G or T (e.g. 512M, 20G)"));
+    let bad = || {
+        usage(format!(
+            "cannot read size '{text}': use bytes or a number with K, M, G or T (e.g. 512M, 20G)"
+        ))
+    };
     let upper = t.to_ascii_uppercase();
     let upper = upper.trim_end_matches("IB").trim_end_matches('B');
     let (num, mult) = match upper.chars().last() {
@@ -179,7 +193,11 @@ mod tests {
     fn config_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("musicfs.toml");
-        std::fs::write(&p, "cache_size = \"1G\"\nread_timeout = 10\norigins = [\"lib=/srv/music\"]\n").unwrap();
+        std::fs::write(
+            &p,
+            "cache_size = \"1G\"\nread_timeout = 10\norigins = [\"lib=/srv/music\"]\n",
+        )
+        .unwrap();
         let c = FileConfig::load(&p).unwrap();
         assert_eq!(size_value(c.cache_size.as_ref().unwrap()).unwrap(), 1 << 30);
         assert_eq!(c.read_timeout, Some(10));

@@ -28,7 +28,10 @@ pub fn run(cache_dir: PathBuf, mountpoint: Option<PathBuf>) -> Result<ExitCode> 
     let mut r = Report { lines: Vec::new() };
     println!("musicfs doctor: cache dir {}", cache_dir.display());
     if !cache_dir.exists() {
-        r.ok(format!("cache dir {} does not exist yet (created by the first mount)", cache_dir.display()));
+        r.ok(format!(
+            "cache dir {} does not exist yet (created by the first mount)",
+            cache_dir.display()
+        ));
     }
 
     // Who holds the lock.
@@ -60,7 +63,13 @@ pub fn run(cache_dir: PathBuf, mountpoint: Option<PathBuf>) -> Result<ExitCode> 
         }
     }
     for p in &points {
-        match std::fs::metadata(p) {
+        // Opening the directory reaches the filesystem; a bare stat may be
+        // answered from the kernel's attribute cache.
+        let probe = match std::fs::read_dir(p) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Err(e),
+            _ => std::fs::metadata(p),
+        };
+        match probe {
             Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => r.act(format!(
                 "{}: stale FUSE mount (Transport endpoint is not connected); `musicfs mount {}` cleans it up by itself, or run `fusermount3 -uz {}`",
                 p.display(),
@@ -78,14 +87,28 @@ pub fn run(cache_dir: PathBuf, mountpoint: Option<PathBuf>) -> Result<ExitCode> 
     }
 
     // Disk space and inodes of the cache dir.
-    let probe = if cache_dir.exists() { cache_dir.clone() } else { cache_dir.parent().map_or_else(|| PathBuf::from("/"), Path::to_path_buf) };
+    let probe = if cache_dir.exists() {
+        cache_dir.clone()
+    } else {
+        cache_dir
+            .parent()
+            .map_or_else(|| PathBuf::from("/"), Path::to_path_buf)
+    };
     match statvfs(&probe) {
         Some((free, total, ifree, itotal)) => {
-            let msg = format!("cache disk: {} free of {}, {ifree} of {itotal} inodes free", human_size(free), human_size(total));
+            let msg = format!(
+                "cache disk: {} free of {}, {ifree} of {itotal} inodes free",
+                human_size(free),
+                human_size(total)
+            );
             if total > 0 && (free < total / 20 || free < 512 << 20) {
-                r.act(format!("{msg}: low on space; free some or lower --cache-size"));
+                r.act(format!(
+                    "{msg}: low on space; free some or lower --cache-size"
+                ));
             } else if itotal > 0 && ifree < itotal / 20 {
-                r.act(format!("{msg}: low on inodes; lower --cache-size or use a filesystem with more inodes"));
+                r.act(format!(
+                    "{msg}: low on inodes; lower --cache-size or use a filesystem with more inodes"
+                ));
             } else {
                 r.ok(msg);
             }
@@ -96,7 +119,9 @@ pub fn run(cache_dir: PathBuf, mountpoint: Option<PathBuf>) -> Result<ExitCode> 
     // fd limit.
     let (soft, hard) = nofile();
     if soft < 1024 {
-        r.act(format!("fd limit: {soft} (hard {hard}); raise it with `ulimit -n 4096` before mounting"));
+        r.act(format!(
+            "fd limit: {soft} (hard {hard}); raise it with `ulimit -n 4096` before mounting"
+        ));
     } else {
         r.ok(format!("fd limit: {soft} (hard {hard})"));
     }
@@ -105,7 +130,12 @@ pub fn run(cache_dir: PathBuf, mountpoint: Option<PathBuf>) -> Result<ExitCode> 
     // the last mount's origin directories.
     if let Some(live) = status::query(&cache_dir) {
         for o in live.origins {
-            let line = format!("origin {}: {}{}", o.name, o.state, o.last_error.map_or_else(String::new, |e| format!(" ({e})")));
+            let line = format!(
+                "origin {}: {}{}",
+                o.name,
+                o.state,
+                o.last_error.map_or_else(String::new, |e| format!(" ({e})"))
+            );
             if o.state == "healthy" {
                 r.ok(line);
             } else {
@@ -115,10 +145,26 @@ pub fn run(cache_dir: PathBuf, mountpoint: Option<PathBuf>) -> Result<ExitCode> 
     } else if let Some(info) = read_mount_info(&cache_dir) {
         for o in info.origins {
             match stat_with_timeout(&o.location, Duration::from_secs(5)) {
-                Some(Ok(m)) if m.is_dir() => r.ok(format!("origin {} ({}): reachable", o.name, o.location.display())),
-                Some(Ok(_)) => r.act(format!("origin {} ({}): not a directory", o.name, o.location.display())),
-                Some(Err(e)) => r.act(format!("origin {} ({}): {e}; check the NAS/mount", o.name, o.location.display())),
-                None => r.act(format!("origin {} ({}): no answer within 5 s; the NAS may be hung", o.name, o.location.display())),
+                Some(Ok(m)) if m.is_dir() => r.ok(format!(
+                    "origin {} ({}): reachable",
+                    o.name,
+                    o.location.display()
+                )),
+                Some(Ok(_)) => r.act(format!(
+                    "origin {} ({}): not a directory",
+                    o.name,
+                    o.location.display()
+                )),
+                Some(Err(e)) => r.act(format!(
+                    "origin {} ({}): {e}; check the NAS/mount",
+                    o.name,
+                    o.location.display()
+                )),
+                None => r.act(format!(
+                    "origin {} ({}): no answer within 5 s; the NAS may be hung",
+                    o.name,
+                    o.location.display()
+                )),
             }
         }
     }
@@ -155,12 +201,15 @@ pub fn run(cache_dir: PathBuf, mountpoint: Option<PathBuf>) -> Result<ExitCode> 
 
 /// FUSE mounts of musicfs listed in /proc/mounts.
 fn fuse_mounts() -> Vec<PathBuf> {
-    let Ok(text) = std::fs::read_to_string("/proc/mounts") else { return Vec::new() };
+    let Ok(text) = std::fs::read_to_string("/proc/mounts") else {
+        return Vec::new();
+    };
     text.lines()
         .filter_map(|l| {
             let mut f = l.split_whitespace();
             let (src, dst, ty) = (f.next()?, f.next()?, f.next()?);
-            (ty.starts_with("fuse") && (src == "musicfs" || ty.contains("musicfs"))).then(|| PathBuf::from(dst.replace("\\040", " ")))
+            (ty.starts_with("fuse") && (src == "musicfs" || ty.contains("musicfs")))
+                .then(|| PathBuf::from(dst.replace("\\040", " ")))
         })
         .collect()
 }
@@ -179,7 +228,10 @@ fn statvfs(p: &Path) -> Option<(u64, u64, u64, u64)> {
 }
 
 fn nofile() -> (u64, u64) {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes into the struct we own.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
     (lim.rlim_cur, lim.rlim_max)

@@ -125,7 +125,10 @@ mod tests {
             Err(e @ LockError::Held { pid: Some(pid), .. }) => {
                 assert_eq!(pid, std::process::id());
                 let msg = e.to_string();
-                assert!(msg.contains(&pid.to_string()) && msg.contains("musicfs.lock"), "{msg}");
+                assert!(
+                    msg.contains(&pid.to_string()) && msg.contains("musicfs.lock"),
+                    "{msg}"
+                );
             }
             other => panic!("second lock: {other:?}"),
         }

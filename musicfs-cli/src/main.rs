@@ -17,7 +17,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "musicfs", version, about = "A read-only filesystem for music libraries on a NAS, a server or object storage, through a verified, self-healing local cache.")]
+#[command(
+    name = "musicfs",
+    version,
+    about = "A read-only filesystem for music libraries on a NAS, a server or object storage, through a verified, self-healing local cache."
+)]
 struct Cli {
     /// Log level (error, warn, info, debug, trace); RUST_LOG wins when set.
     #[arg(long, global = true, value_name = "LEVEL")]
@@ -69,8 +73,12 @@ enum Command {
 
 fn init_logging(level: Option<&str>) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level.unwrap_or("info")));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(level.unwrap_or("info")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn main() -> ExitCode {
@@ -84,13 +92,27 @@ fn main() -> ExitCode {
             init_logging(Some(cli.log_level.as_deref().unwrap_or("warn")));
             status_cmd(cache_dir, json)
         }
-        Command::Verify { cache_dir, repair, json } => {
+        Command::Verify {
+            cache_dir,
+            repair,
+            json,
+        } => {
             init_logging(Some(cli.log_level.as_deref().unwrap_or("warn")));
-            verify::run(cache_dir.unwrap_or_else(config::default_cache_dir), repair, json)
+            verify::run(
+                cache_dir.unwrap_or_else(config::default_cache_dir),
+                repair,
+                json,
+            )
         }
-        Command::Doctor { cache_dir, mountpoint } => {
+        Command::Doctor {
+            cache_dir,
+            mountpoint,
+        } => {
             init_logging(Some(cli.log_level.as_deref().unwrap_or("warn")));
-            doctor::run(cache_dir.unwrap_or_else(config::default_cache_dir), mountpoint)
+            doctor::run(
+                cache_dir.unwrap_or_else(config::default_cache_dir),
+                mountpoint,
+            )
         }
     };
     match result {

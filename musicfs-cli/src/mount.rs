@@ -51,7 +51,10 @@ pub struct MountArgs {
 impl MountArgs {
     /// The config file's log level, for logging set up before the rest.
     pub fn log_level_hint(&self) -> Option<&'static str> {
-        let cfg = self.config.as_ref().and_then(|p| FileConfig::load(p).ok())?;
+        let cfg = self
+            .config
+            .as_ref()
+            .and_then(|p| FileConfig::load(p).ok())?;
         cfg.log_level.map(|l| &*Box::leak(l.into_boxed_str()))
     }
 }
@@ -71,15 +74,24 @@ fn settings(args: MountArgs) -> Result<Settings, UsageError> {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
     };
-    let specs = if args.origins.is_empty() { file.origins.clone() } else { args.origins.clone() };
+    let specs = if args.origins.is_empty() {
+        file.origins.clone()
+    } else {
+        args.origins.clone()
+    };
     if specs.is_empty() {
-        return Err(UsageError("no origin given: add --origin [NAME=]DIR (or `origins` in the config file)".into()));
+        return Err(UsageError(
+            "no origin given: add --origin [NAME=]DIR (or `origins` in the config file)".into(),
+        ));
     }
     let mut origins: Vec<OriginSpec> = Vec::new();
     for s in &specs {
         let o = config::parse_origin(s)?;
         if origins.iter().any(|x| x.name == o.name) {
-            return Err(UsageError(format!("two origins are named '{}': give one of them NAME=", o.name)));
+            return Err(UsageError(format!(
+                "two origins are named '{}': give one of them NAME=",
+                o.name
+            )));
         }
         origins.push(o);
     }
@@ -88,7 +100,11 @@ fn settings(args: MountArgs) -> Result<Settings, UsageError> {
         (None, Some(v)) => config::size_value(v)?,
         (None, None) => config::DEFAULT_CACHE_SIZE,
     };
-    let secs = |flag: Option<u64>, file: Option<u64>, default: Duration, what: &str| -> Result<Duration, UsageError> {
+    let secs = |flag: Option<u64>,
+                file: Option<u64>,
+                default: Duration,
+                what: &str|
+     -> Result<Duration, UsageError> {
         match flag.or(file) {
             Some(0) => Err(UsageError(format!("--{what} must be at least 1 second"))),
             Some(s) => Ok(Duration::from_secs(s)),
@@ -97,33 +113,66 @@ fn settings(args: MountArgs) -> Result<Settings, UsageError> {
     };
     Ok(Settings {
         mountpoint: args.mountpoint,
-        cache_dir: args.cache_dir.or(file.cache_dir).unwrap_or_else(config::default_cache_dir),
+        cache_dir: args
+            .cache_dir
+            .or(file.cache_dir)
+            .unwrap_or_else(config::default_cache_dir),
         cache_size,
-        read_timeout: secs(args.read_timeout, file.read_timeout, config::DEFAULT_READ_TIMEOUT, "read-timeout")?,
-        health_timeout: secs(args.health_timeout, file.health_timeout, config::DEFAULT_HEALTH_TIMEOUT, "health-timeout")?,
+        read_timeout: secs(
+            args.read_timeout,
+            file.read_timeout,
+            config::DEFAULT_READ_TIMEOUT,
+            "read-timeout",
+        )?,
+        health_timeout: secs(
+            args.health_timeout,
+            file.health_timeout,
+            config::DEFAULT_HEALTH_TIMEOUT,
+            "health-timeout",
+        )?,
         origins,
     })
 }
 
 /// A dead FUSE mount answers ENOTCONN; clean it before checking anything.
+/// `stat` alone can miss one for a moment (the kernel answers it from
+/// cached attributes), opening the directory cannot.
 fn prepare_mountpoint(mp: &Path) -> Result<()> {
-    match std::fs::metadata(mp) {
+    let dead = |e: &std::io::Error| e.raw_os_error() == Some(libc::ENOTCONN);
+    let stat = std::fs::metadata(mp);
+    let stat = match (&stat, std::fs::read_dir(mp)) {
+        (Ok(_), Err(e)) if dead(&e) => Err(e),
+        _ => stat,
+    };
+    match stat {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             warn!(mountpoint = %mp.display(), "a previous musicfs died here; cleaning up its dead mount");
             musicfs_fuse::cleanup_stale_mount(mp).context("cannot clean up the dead mount")?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(UsageError(format!("mountpoint {} does not exist: create it with `mkdir -p {}`", mp.display(), mp.display())).into());
+            return Err(UsageError(format!(
+                "mountpoint {} does not exist: create it with `mkdir -p {}`",
+                mp.display(),
+                mp.display()
+            ))
+            .into());
         }
         Err(e) => return Err(UsageError(format!("mountpoint {}: {e}", mp.display())).into()),
         Ok(m) if !m.is_dir() => {
-            return Err(UsageError(format!("mountpoint {} is not a directory", mp.display())).into());
+            return Err(
+                UsageError(format!("mountpoint {} is not a directory", mp.display())).into(),
+            );
         }
         Ok(_) => {}
     }
-    let mut entries = std::fs::read_dir(mp).with_context(|| format!("cannot read mountpoint {}", mp.display()))?;
+    let mut entries = std::fs::read_dir(mp)
+        .with_context(|| format!("cannot read mountpoint {}", mp.display()))?;
     if entries.next().is_some() {
-        return Err(UsageError(format!("mountpoint {} is not empty: use an empty directory", mp.display())).into());
+        return Err(UsageError(format!(
+            "mountpoint {} is not empty: use an empty directory",
+            mp.display()
+        ))
+        .into());
     }
     Ok(())
 }
@@ -134,10 +183,18 @@ fn check_origin_paths(origins: &[OriginSpec]) -> Result<(), UsageError> {
         // answer is the health monitor's business, not a usage error.
         match std::fs::symlink_metadata(&o.location) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(UsageError(format!("origin {}: {} does not exist", o.name, o.location.display())))
+                return Err(UsageError(format!(
+                    "origin {}: {} does not exist",
+                    o.name,
+                    o.location.display()
+                )))
             }
             Ok(m) if !m.is_dir() && !m.file_type().is_symlink() => {
-                return Err(UsageError(format!("origin {}: {} is not a directory", o.name, o.location.display())))
+                return Err(UsageError(format!(
+                    "origin {}: {} is not a directory",
+                    o.name,
+                    o.location.display()
+                )))
             }
             _ => {}
         }
@@ -149,7 +206,10 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
     let s = settings(args)?;
     check_origin_paths(&s.origins)?;
     prepare_mountpoint(&s.mountpoint)?;
-    let mountpoint = s.mountpoint.canonicalize().with_context(|| format!("cannot resolve {}", s.mountpoint.display()))?;
+    let mountpoint = s
+        .mountpoint
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", s.mountpoint.display()))?;
     let lock = CacheLock::acquire(&s.cache_dir)?;
     info!(lock = %lock.path().display(), pid = std::process::id(), "cache locked");
 
@@ -162,7 +222,9 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
 
     let mut config = CacheConfig::new(&s.cache_dir, s.cache_size);
     config.origin_timeout = s.read_timeout;
-    let (cache, opened) = rt.block_on(Cache::open(config)).context("cannot open the cache")?;
+    let (cache, opened) = rt
+        .block_on(Cache::open(config))
+        .context("cannot open the cache")?;
     if opened.index.rebuilt {
         warn!(reason = ?opened.index.reason, "the cache index was damaged and has been rebuilt from the chunk files");
     }
@@ -172,26 +234,45 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
     for o in &s.origins {
         let local: DynOrigin = Arc::new(LocalOrigin::new(o.name.clone(), o.location.clone()));
         health.add(local.clone());
-        let policy = RetryPolicy { max_attempts: 2, initial_backoff: Duration::from_millis(200), max_backoff: Duration::from_secs(1) };
+        let policy = RetryPolicy {
+            max_attempts: 2,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(1),
+        };
         let origin: DynOrigin = Arc::new(RetryOrigin::new(local, policy));
         cache.add_origin(origin.clone());
         origins.push(origin);
     }
 
-    let fs_config = FsConfig { read_timeout: s.read_timeout, ..FsConfig::default() };
+    let fs_config = FsConfig {
+        read_timeout: s.read_timeout,
+        ..FsConfig::default()
+    };
     let fs = MusicFs::new(cache.clone(), origins, fs_config, rt.handle().clone());
-    rt.block_on(fs.preflight(s.health_timeout)).context("cannot start")?;
+    rt.block_on(fs.preflight(s.health_timeout))
+        .context("cannot start")?;
 
     let info = MountInfo {
         pid: std::process::id(),
         mountpoint: mountpoint.clone(),
-        origins: s.origins.iter().map(|o| OriginInfo { name: o.name.to_string(), location: o.location.clone() }).collect(),
+        origins: s
+            .origins
+            .iter()
+            .map(|o| OriginInfo {
+                name: o.name.to_string(),
+                location: o.location.clone(),
+            })
+            .collect(),
     };
-    if let Err(e) = std::fs::write(s.cache_dir.join(status::MOUNT_INFO), serde_json::to_vec_pretty(&info)?) {
+    if let Err(e) = std::fs::write(
+        s.cache_dir.join(status::MOUNT_INFO),
+        serde_json::to_vec_pretty(&info)?,
+    ) {
         warn!(error = %e, "cannot record the mount in the cache dir; status and doctor will know less");
     }
 
-    let mounted = musicfs_fuse::mount(fs, &mountpoint).with_context(|| format!("cannot mount at {}", mountpoint.display()))?;
+    let mounted = musicfs_fuse::mount(fs, &mountpoint)
+        .with_context(|| format!("cannot mount at {}", mountpoint.display()))?;
     let _enter = rt.enter();
     let monitor = health.spawn(Duration::from_secs(10));
     let status_task = {
@@ -202,7 +283,11 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
         warn!(error = %e, "cannot serve status on the cache dir's socket");
     }
     info!(mountpoint = %mountpoint.display(), origins = s.origins.len(), "mounted; press Ctrl-C or send SIGTERM to unmount");
-    println!("musicfs: mounted at {} (PID {})", mountpoint.display(), std::process::id());
+    println!(
+        "musicfs: mounted at {} (PID {})",
+        mountpoint.display(),
+        std::process::id()
+    );
 
     let reason = rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
@@ -236,12 +321,17 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
         Err(_) => {
             warn!("unmount is taking long (a hung origin?); detaching the mount lazily");
             let _ = musicfs_fuse::cleanup_stale_mount(&mountpoint);
-            let _ = std::process::Command::new("fusermount3").arg("-uz").arg(&mountpoint).status();
+            let _ = std::process::Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&mountpoint)
+                .status();
         }
     }
     match rt.block_on(async { tokio::time::timeout(Duration::from_secs(3), cache.flush()).await }) {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!(error = %e, "could not flush the index; it is healed at the next start"),
+        Ok(Err(e)) => {
+            warn!(error = %e, "could not flush the index; it is healed at the next start")
+        }
         Err(_) => warn!("flushing the index timed out; it is healed at the next start"),
     }
     drop(lock);

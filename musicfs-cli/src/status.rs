@@ -61,14 +61,23 @@ pub struct StatusReport {
     pub origins: Vec<OriginStatus>,
 }
 
-pub fn live_report(cache_dir: &Path, info: &MountInfo, cache: &Cache, health: &HealthMonitor) -> StatusReport {
+pub fn live_report(
+    cache_dir: &Path,
+    info: &MountInfo,
+    cache: &Cache,
+    health: &HealthMonitor,
+) -> StatusReport {
     let stats = cache.stats();
     let served = stats.hit_bytes + stats.origin_bytes;
     let origins = health
         .statuses()
         .into_iter()
         .map(|(id, h)| OriginStatus {
-            location: info.origins.iter().find(|o| o.name == id.as_str()).map(|o| o.location.clone()),
+            location: info
+                .origins
+                .iter()
+                .find(|o| o.name == id.as_str())
+                .map(|o| o.location.clone()),
             name: id.to_string(),
             state: match h.state {
                 HealthState::Healthy => "healthy",
@@ -78,7 +87,10 @@ pub fn live_report(cache_dir: &Path, info: &MountInfo, cache: &Cache, health: &H
             .to_owned(),
             latency_ms: h.last_latency.map(|d| d.as_millis() as u64),
             last_error: h.last_error,
-            state_since_secs: SystemTime::now().duration_since(h.since).ok().map(|d| d.as_secs()),
+            state_since_secs: SystemTime::now()
+                .duration_since(h.since)
+                .ok()
+                .map(|d| d.as_secs()),
         })
         .collect();
     StatusReport {
@@ -98,13 +110,20 @@ pub fn live_report(cache_dir: &Path, info: &MountInfo, cache: &Cache, health: &H
 }
 
 /// Serves status on `CACHE/musicfs.sock` until the task is aborted.
-pub fn serve(cache_dir: PathBuf, info: MountInfo, cache: Cache, health: Arc<HealthMonitor>) -> Result<tokio::task::JoinHandle<()>> {
+pub fn serve(
+    cache_dir: PathBuf,
+    info: MountInfo,
+    cache: Cache,
+    health: Arc<HealthMonitor>,
+) -> Result<tokio::task::JoinHandle<()>> {
     let path = cache_dir.join(SOCKET);
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)?;
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((mut conn, _)) = listener.accept().await else { continue };
+            let Ok((mut conn, _)) = listener.accept().await else {
+                continue;
+            };
             let report = live_report(&cache_dir, &info, &cache, &health);
             let body = serde_json::to_vec(&report).unwrap_or_default();
             tokio::spawn(async move {
@@ -135,7 +154,9 @@ pub fn offline_report(cache_dir: &Path) -> StatusReport {
     let mut chunks = 0;
     let mut stack = vec![chunks_dir];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             match e.file_type() {
                 Ok(t) if t.is_dir() => stack.push(e.path()),
@@ -181,18 +202,31 @@ pub fn print(r: &StatusReport) {
         println!(
             "musicfs: running (PID {}) at {}",
             r.pid.map_or_else(|| "?".into(), |p| p.to_string()),
-            r.mountpoint.as_deref().map_or_else(|| "?".into(), |m| m.display().to_string())
+            r.mountpoint
+                .as_deref()
+                .map_or_else(|| "?".into(), |m| m.display().to_string())
         );
     } else {
         match r.pid {
-            Some(pid) => println!("musicfs: PID {pid} holds the cache lock but does not answer on {SOCKET}"),
+            Some(pid) => {
+                println!("musicfs: PID {pid} holds the cache lock but does not answer on {SOCKET}")
+            }
             None => println!("musicfs: not running"),
         }
     }
     println!("cache:   {}", r.cache_dir.display());
     match r.cache_limit {
-        Some(limit) => println!("  size   {} of {} ({} chunks)", human_size(r.cache_size), human_size(limit), r.chunks),
-        None => println!("  size   {} ({} chunks)", human_size(r.cache_size), r.chunks),
+        Some(limit) => println!(
+            "  size   {} of {} ({} chunks)",
+            human_size(r.cache_size),
+            human_size(limit),
+            r.chunks
+        ),
+        None => println!(
+            "  size   {} ({} chunks)",
+            human_size(r.cache_size),
+            r.chunks
+        ),
     }
     if let Some(h) = r.hit_ratio {
         println!(
@@ -203,7 +237,9 @@ pub fn print(r: &StatusReport) {
         );
     }
     match &r.degraded {
-        Some(why) => println!("  state  DEGRADED: {why} (reads go to the origins; recovers by itself)"),
+        Some(why) => {
+            println!("  state  DEGRADED: {why} (reads go to the origins; recovers by itself)")
+        }
         None if r.running => println!("  state  ok"),
         None => {}
     }
@@ -211,9 +247,17 @@ pub fn print(r: &StatusReport) {
         println!("origins:");
     }
     for o in &r.origins {
-        let loc = o.location.as_deref().map_or_else(String::new, |l| format!(" ({})", l.display()));
-        let lat = o.latency_ms.map_or_else(String::new, |l| format!(", {l} ms"));
-        let err = o.last_error.as_deref().map_or_else(String::new, |e| format!(": {e}"));
+        let loc = o
+            .location
+            .as_deref()
+            .map_or_else(String::new, |l| format!(" ({})", l.display()));
+        let lat = o
+            .latency_ms
+            .map_or_else(String::new, |l| format!(", {l} ms"));
+        let err = o
+            .last_error
+            .as_deref()
+            .map_or_else(String::new, |e| format!(": {e}"));
         println!("  {}{loc}: {}{lat}{err}", o.name, o.state);
     }
 }

@@ -18,7 +18,10 @@ pub fn run(cache_dir: PathBuf, repair: bool, json: bool) -> Result<ExitCode> {
         // from evicting anything at open.
         let (cache, opened) = Cache::open(CacheConfig::new(&cache_dir, u64::MAX / 2)).await?;
         if opened.index.rebuilt {
-            eprintln!("musicfs: the index was damaged and has been rebuilt from the chunk files ({})", opened.index.reason.unwrap_or_default());
+            eprintln!(
+                "musicfs: the index was damaged and has been rebuilt from the chunk files ({})",
+                opened.index.reason.unwrap_or_default()
+            );
         }
         // Re-fetching missing chunks needs the origins of the last mount.
         if let Some(info) = read_mount_info(&cache_dir) {
@@ -59,5 +62,9 @@ pub fn run(cache_dir: PathBuf, repair: bool, json: bool) -> Result<ExitCode> {
             println!("clean after repair");
         }
     }
-    Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

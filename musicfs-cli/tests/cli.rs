@@ -8,7 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use musicfs_test_utils::{library_files, make_library, pseudo_random_bytes, write_file, LibrarySpec};
+use musicfs_test_utils::{
+    library_files, make_library, pseudo_random_bytes, write_file, LibrarySpec,
+};
 use tempfile::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_musicfs");
@@ -22,11 +24,16 @@ struct Daemon {
 impl Daemon {
     fn start(mountpoint: &Path, cache: &Path, origins: &[&Path], extra: &[&str]) -> Daemon {
         let mut cmd = Command::new(BIN);
-        cmd.arg("mount").arg(mountpoint).arg("--cache-dir").arg(cache);
+        cmd.arg("mount")
+            .arg(mountpoint)
+            .arg("--cache-dir")
+            .arg(cache);
         for o in origins {
             cmd.arg("--origin").arg(o);
         }
-        cmd.args(extra).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        cmd.args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("spawn musicfs");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
@@ -35,7 +42,10 @@ impl Daemon {
                 let _ = tx.send(line);
             }
         });
-        let d = Daemon { child: Some(child), mountpoint: mountpoint.to_owned() };
+        let d = Daemon {
+            child: Some(child),
+            mountpoint: mountpoint.to_owned(),
+        };
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(line) if line.contains("mounted at") => d,
             other => panic!("musicfs did not come up: {other:?}"),
@@ -47,7 +57,11 @@ impl Daemon {
     }
 
     fn signal(&self, sig: &str) {
-        Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap();
+        Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
     }
 
     /// Waits for the process to end; its exit status.
@@ -68,7 +82,10 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
             let start = Instant::now();
             while start.elapsed() < Duration::from_secs(10) {
                 if c.try_wait().ok().flatten().is_some() {
@@ -79,7 +96,11 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = Command::new("fusermount3").arg("-uz").arg(&self.mountpoint).stderr(Stdio::null()).status();
+        let _ = Command::new("fusermount3")
+            .arg("-uz")
+            .arg(&self.mountpoint)
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -111,15 +132,93 @@ fn bad_input_gets_one_line_and_exit_2() {
     let file = tmp.path().join("file");
     std::fs::write(&file, b"x").unwrap();
     let cache = tmp.path().join("cache");
-    let (lib_s, mp_s, cache_s) = (lib.to_str().unwrap(), mp.to_str().unwrap(), cache.to_str().unwrap());
+    let (lib_s, mp_s, cache_s) = (
+        lib.to_str().unwrap(),
+        mp.to_str().unwrap(),
+        cache.to_str().unwrap(),
+    );
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["mount", "/nonexistent/mnt", "--origin", lib_s, "--cache-dir", cache_s], "does not exist"),
-        (vec!["mount", full.to_str().unwrap(), "--origin", lib_s, "--cache-dir", cache_s], "not empty"),
-        (vec!["mount", mp_s, "--origin", file.to_str().unwrap(), "--cache-dir", cache_s], "not a directory"),
-        (vec!["mount", mp_s, "--origin", "/nonexistent/lib", "--cache-dir", cache_s], "does not exist"),
-        (vec!["mount", mp_s, "--origin", lib_s, "--cache-size", "lots", "--cache-dir", cache_s], "cannot read size"),
-        (vec!["mount", mp_s, "--origin", lib_s, "--config", "/nonexistent.toml", "--cache-dir", cache_s], "cannot read config"),
-        (vec!["mount", mp_s, "--origin", "s3://bucket/music", "--cache-dir", cache_s], "not supported yet"),
+        (
+            vec![
+                "mount",
+                "/nonexistent/mnt",
+                "--origin",
+                lib_s,
+                "--cache-dir",
+                cache_s,
+            ],
+            "does not exist",
+        ),
+        (
+            vec![
+                "mount",
+                full.to_str().unwrap(),
+                "--origin",
+                lib_s,
+                "--cache-dir",
+                cache_s,
+            ],
+            "not empty",
+        ),
+        (
+            vec![
+                "mount",
+                mp_s,
+                "--origin",
+                file.to_str().unwrap(),
+                "--cache-dir",
+                cache_s,
+            ],
+            "not a directory",
+        ),
+        (
+            vec![
+                "mount",
+                mp_s,
+                "--origin",
+                "/nonexistent/lib",
+                "--cache-dir",
+                cache_s,
+            ],
+            "does not exist",
+        ),
+        (
+            vec![
+                "mount",
+                mp_s,
+                "--origin",
+                lib_s,
+                "--cache-size",
+                "lots",
+                "--cache-dir",
+                cache_s,
+            ],
+            "cannot read size",
+        ),
+        (
+            vec![
+                "mount",
+                mp_s,
+                "--origin",
+                lib_s,
+                "--config",
+                "/nonexistent.toml",
+                "--cache-dir",
+                cache_s,
+            ],
+            "cannot read config",
+        ),
+        (
+            vec![
+                "mount",
+                mp_s,
+                "--origin",
+                "s3://bucket/music",
+                "--cache-dir",
+                cache_s,
+            ],
+            "not supported yet",
+        ),
         (vec!["mount", mp_s, "--cache-dir", cache_s], "no origin"),
     ];
     for (args, want) in cases {
@@ -133,7 +232,13 @@ fn bad_input_gets_one_line_and_exit_2() {
 
 #[test]
 fn help_reads_well_for_every_command() {
-    for cmd in [vec!["--help"], vec!["mount", "--help"], vec!["status", "--help"], vec!["verify", "--help"], vec!["doctor", "--help"]] {
+    for cmd in [
+        vec!["--help"],
+        vec!["mount", "--help"],
+        vec!["status", "--help"],
+        vec!["verify", "--help"],
+        vec!["doctor", "--help"],
+    ] {
         let out = musicfs(&cmd);
         assert!(out.status.success(), "{cmd:?}");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -152,8 +257,16 @@ fn mount_serves_the_library_byte_for_byte_and_sigterm_ends_it() {
     let name = lib.file_name().unwrap();
     compare_tree(&lib, &mp.join(name));
     // A real decoder as the client.
-    let flac = library_files(&lib).into_iter().find(|f| f.extension().is_some_and(|e| e == "flac")).unwrap();
-    let st = Command::new("flac").arg("-t").arg("-s").arg(mp.join(name).join(&flac)).status().unwrap();
+    let flac = library_files(&lib)
+        .into_iter()
+        .find(|f| f.extension().is_some_and(|e| e == "flac"))
+        .unwrap();
+    let st = Command::new("flac")
+        .arg("-t")
+        .arg("-s")
+        .arg(mp.join(name).join(&flac))
+        .status()
+        .unwrap();
     assert!(st.success(), "flac -t failed through the mount");
     // Second pass comes from the cache.
     compare_tree(&lib, &mp.join(name));
@@ -166,19 +279,27 @@ fn mount_serves_the_library_byte_for_byte_and_sigterm_ends_it() {
     assert!(v["origins"][0]["name"].as_str().is_some());
 
     d.signal("TERM");
-    let st = d.wait(Duration::from_secs(20)).expect("SIGTERM did not end musicfs");
+    let st = d
+        .wait(Duration::from_secs(20))
+        .expect("SIGTERM did not end musicfs");
     assert!(st.success(), "{st:?}");
     assert!(!is_mounted(&mp), "still mounted after SIGTERM");
 
     // verify on the stopped cache: clean.
     let out = musicfs(&["verify", "--cache-dir", cache.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 fn is_mounted(mp: &Path) -> bool {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
     let mp = mp.to_str().unwrap().replace(' ', "\\040");
-    mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(mp.as_str()))
+    mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(mp.as_str()))
 }
 
 #[test]
@@ -191,7 +312,15 @@ fn test_pid_file_prevents_concurrent_mount() {
     std::fs::create_dir(&mp2).unwrap();
     let cache = tmp.path().join("cache");
     let d = Daemon::start(&mp1, &cache, &[&lib], &[]);
-    let out = Command::new(BIN).arg("mount").arg(&mp2).arg("--origin").arg(&lib).arg("--cache-dir").arg(&cache).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("mount")
+        .arg(&mp2)
+        .arg("--origin")
+        .arg(&lib)
+        .arg("--cache-dir")
+        .arg(&cache)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains(&d.pid().to_string()), "{err}");
@@ -209,14 +338,21 @@ fn stale_mount_after_kill_9_is_recovered_by_the_next_mount() {
     std::fs::create_dir(&mp).unwrap();
     let cache = tmp.path().join("cache");
     let mut d = Daemon::start(&mp, &cache, &[&lib], &[]);
-    assert_eq!(std::fs::read(mp.join("lib/Artist/01 - Song.flac")).unwrap(), data);
+    assert_eq!(
+        std::fs::read(mp.join("lib/Artist/01 - Song.flac")).unwrap(),
+        data
+    );
     d.signal("KILL");
-    d.wait(Duration::from_secs(10)).expect("kill -9 did not end it");
-    let e = std::fs::metadata(&mp).unwrap_err();
+    d.wait(Duration::from_secs(10))
+        .expect("kill -9 did not end it");
+    let e = std::fs::read_dir(&mp).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
     // No fusermount, no rm -rf: just mount again.
     let _d2 = Daemon::start(&mp, &cache, &[&lib], &[]);
-    assert_eq!(std::fs::read(mp.join("lib/Artist/01 - Song.flac")).unwrap(), data);
+    assert_eq!(
+        std::fs::read(mp.join("lib/Artist/01 - Song.flac")).unwrap(),
+        data
+    );
 }
 
 #[test]
@@ -242,8 +378,15 @@ fn origin_down_at_start_is_served_from_cache_or_refused_when_uncached() {
     std::fs::rename(&real, tmp.path().join("gone")).unwrap();
     {
         let _d = Daemon::start(&mp, &cache, &[&lib], &["--health-timeout", "2"]);
-        assert_eq!(std::fs::read(mp.join("lib/x/t.flac")).unwrap(), data, "cached file not served offline");
-        let names: Vec<_> = std::fs::read_dir(mp.join("lib")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(
+            std::fs::read(mp.join("lib/x/t.flac")).unwrap(),
+            data,
+            "cached file not served offline"
+        );
+        let names: Vec<_> = std::fs::read_dir(mp.join("lib"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("x")]);
     }
     // Down with nothing cached: a clear error and no mount.
@@ -294,10 +437,19 @@ fn verify_finds_damage_and_repair_fixes_it() {
     std::fs::write(chunk.unwrap(), b"rot").unwrap();
     let c = cache.to_str().unwrap();
     let out = musicfs(&["verify", "--cache-dir", c]);
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("corrupt chunk"));
     let out = musicfs(&["verify", "--repair", "--cache-dir", c]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let out = musicfs(&["verify", "--json", "--cache-dir", c]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["clean"], true, "{v}");
@@ -315,12 +467,27 @@ fn doctor_reports_a_stale_mount_with_its_fix() {
     let mut d = Daemon::start(&mp, &cache, &[&lib], &[]);
     d.signal("KILL");
     d.wait(Duration::from_secs(10)).unwrap();
-    let out = musicfs(&["doctor", "--cache-dir", cache.to_str().unwrap(), "--mountpoint", mp.to_str().unwrap()]);
+    let out = musicfs(&[
+        "doctor",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--mountpoint",
+        mp.to_str().unwrap(),
+    ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains("stale FUSE mount") && text.contains("fusermount3 -uz"), "{text}");
+    assert!(
+        text.contains("stale FUSE mount") && text.contains("fusermount3 -uz"),
+        "{text}"
+    );
     drop(d);
-    let out = musicfs(&["doctor", "--cache-dir", cache.to_str().unwrap(), "--mountpoint", mp.to_str().unwrap()]);
+    let out = musicfs(&[
+        "doctor",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--mountpoint",
+        mp.to_str().unwrap(),
+    ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("stale FUSE mount"), "{text}");
 }

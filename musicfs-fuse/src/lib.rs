@@ -1,0 +1,106 @@
+//! The MusicFS filesystem: a read-only FUSE view of the origins, served
+//! through the verified chunk cache.
+//!
+//! Layer: top of the engine. The CLI builds a [`musicfs_cas::Cache`] and the
+//! origins, hands them to [`MusicFs::new`], checks them with
+//! [`MusicFs::preflight`] and calls [`mount`]. Below the mount point, the root
+//! lists one directory per origin, named by its [`musicfs_origins::OriginId`];
+//! under it, the origin's tree appears byte for byte (names, sizes, mtimes,
+//! kinds), except symlinks, which are hidden because MusicFS never follows
+//! them.
+//!
+//! Invariants:
+//! - Nothing is ever written: every write-like operation is `EROFS`, files
+//!   open read-only only, and the mount itself is `ro`.
+//! - No kernel request waits on an origin on a FUSE thread. Reads, and any
+//!   metadata request that must ask the origin, run as tokio tasks that reply
+//!   when done, each bounded by [`FsConfig::read_timeout`] (`EIO` when it
+//!   expires). A read of a cached file never queues behind a read stuck on a
+//!   hung origin.
+//! - Metadata comes from the listings stored in the cache index, so a library
+//!   browses offline; a listing older than [`FsConfig::listing_ttl`] is
+//!   refreshed in the background while the old one keeps serving.
+//! - Inode numbers are allocated on first sight of an (origin, path) and are
+//!   stable for the life of the mount; they are never reused while mounted.
+
+mod attr;
+mod fs;
+mod inode;
+mod mount;
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use musicfs_origins::OriginId;
+
+pub use fs::MusicFs;
+pub use inode::Ino;
+pub use mount::{cleanup_stale_mount, mount, Mounted};
+
+/// How the filesystem bounds and caches what it asks the origins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsConfig {
+    /// Bound on each read, and on each origin call a metadata request has
+    /// to wait for; when it expires the request fails with `EIO`.
+    pub read_timeout: Duration,
+    /// A cached listing (and so the attributes in it) older than this is
+    /// refreshed from the origin in the background; the caller is served
+    /// from the cached one without waiting.
+    pub listing_ttl: Duration,
+    /// How long the kernel may cache entries and attributes before asking
+    /// again.
+    pub kernel_ttl: Duration,
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        Self {
+            read_timeout: Duration::from_secs(30),
+            listing_ttl: Duration::from_secs(60),
+            kernel_ttl: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Everything mounting and running the filesystem can report. Each message
+/// says what happened and what the user can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum FuseError {
+    #[error(
+        "origin '{origin}' is unavailable ({reason}) and nothing of it is cached yet; \
+         check that it is reachable (mounted, powered on), then start MusicFS again"
+    )]
+    OriginUnavailable { origin: OriginId, reason: String },
+
+    #[error(
+        "cannot mount MusicFS at {}: {source}; check that the directory exists and is not \
+         already mounted, and that /dev/fuse is usable",
+        mountpoint.display()
+    )]
+    Mount {
+        mountpoint: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("cannot unmount {}: {reason}", mountpoint.display())]
+    Unmount { mountpoint: PathBuf, reason: String },
+
+    #[error("the MusicFS session at {} ended with an error: {source}", mountpoint.display())]
+    Session {
+        mountpoint: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error(
+        "cannot clean up the dead mount at {}: {reason}; run `fusermount3 -uz {}` (or \
+         `umount -l`) as the user who mounted it",
+        mountpoint.display(),
+        mountpoint.display()
+    )]
+    StaleMount { mountpoint: PathBuf, reason: String },
+}
+
+pub type Result<T, E = FuseError> = std::result::Result<T, E>;
