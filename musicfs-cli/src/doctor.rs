@@ -25,6 +25,7 @@ impl Report {
 }
 
 pub fn run(cache_dir: PathBuf, mountpoint: Option<PathBuf>) -> Result<ExitCode> {
+    let mountpoint = mountpoint.map(|m| std::path::absolute(&m).unwrap_or(m));
     let mut r = Report { lines: Vec::new() };
     println!("musicfs doctor: cache dir {}", cache_dir.display());
     if !cache_dir.exists() {

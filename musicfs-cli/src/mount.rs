@@ -203,8 +203,16 @@ fn check_origin_paths(origins: &[OriginSpec]) -> Result<(), UsageError> {
 }
 
 pub fn run(args: MountArgs) -> Result<ExitCode> {
-    let s = settings(args)?;
+    let mut s = settings(args)?;
     check_origin_paths(&s.origins)?;
+    // Absolute paths, so the cache dir's record means the same thing to
+    // `status`, `verify` and `doctor` run from anywhere. A path that cannot
+    // be resolved now (NAS down) is made absolute without touching it.
+    for o in &mut s.origins {
+        o.location = o.location.canonicalize().unwrap_or_else(|_| {
+            std::path::absolute(&o.location).unwrap_or_else(|_| o.location.clone())
+        });
+    }
     prepare_mountpoint(&s.mountpoint)?;
     let mountpoint = s
         .mountpoint
