@@ -21,6 +21,7 @@
 
 pub mod cache;
 pub mod chunk;
+mod codec;
 pub mod index;
 pub mod listing;
 pub mod manifest;

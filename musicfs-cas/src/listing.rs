@@ -8,6 +8,7 @@
 
 use musicfs_origins::{DirEntry, EntryKind, EntryMeta};
 
+use crate::codec::Reader;
 use crate::{CasError, Result};
 
 const MAGIC: &[u8; 4] = b"MFL1";
@@ -52,7 +53,7 @@ impl Listing {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let mut r = Reader { bytes, pos: 0 };
+        let mut r = Reader::new(bytes, "listing");
         if r.take(4)? != MAGIC {
             return Err(corrupt("bad magic"));
         }
@@ -109,52 +110,7 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 }
 
 fn corrupt(reason: &str) -> CasError {
-    CasError::CorruptRecord {
-        what: "listing",
-        reason: reason.to_owned(),
-    }
-}
-
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn remaining(&self) -> usize {
-        self.bytes.len() - self.pos
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.remaining() < n {
-            return Err(corrupt("truncated"));
-        }
-        let out = &self.bytes[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(out)
-    }
-
-    fn u8(&mut self) -> Result<u8> {
-        Ok(self.take(1)?[0])
-    }
-
-    fn u32(&mut self) -> Result<u32> {
-        let mut b = [0u8; 4];
-        b.copy_from_slice(self.take(4)?);
-        Ok(u32::from_le_bytes(b))
-    }
-
-    fn u64(&mut self) -> Result<u64> {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(self.take(8)?);
-        Ok(u64::from_le_bytes(b))
-    }
-
-    fn string(&mut self) -> Result<String> {
-        let n = self.u32()? as usize;
-        let raw = self.take(n)?;
-        String::from_utf8(raw.to_vec()).map_err(|_| corrupt("name is not UTF-8"))
-    }
+    crate::codec::corrupt("listing", reason)
 }
 
 #[cfg(test)]

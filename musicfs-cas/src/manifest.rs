@@ -9,6 +9,7 @@
 
 use musicfs_origins::EntryMeta;
 
+use crate::codec::Reader;
 use crate::{CasError, ChunkId, Result};
 
 const MAGIC: &[u8; 4] = b"MFM1";
@@ -142,7 +143,7 @@ impl Manifest {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let mut r = Reader { bytes, pos: 0 };
+        let mut r = Reader::new(bytes, "manifest");
         if r.take(4)? != MAGIC {
             return Err(corrupt("bad magic (not a MusicFS manifest)"));
         }
@@ -154,11 +155,7 @@ impl Manifest {
         };
         let etag = match r.u8()? {
             0 => None,
-            1 => {
-                let n = r.u32()? as usize;
-                let raw = r.take(n)?;
-                Some(String::from_utf8(raw.to_vec()).map_err(|_| corrupt("etag is not UTF-8"))?)
-            }
+            1 => Some(r.string()?),
             _ => return Err(corrupt("bad etag flag")),
         };
         let count = r.u32()? as usize;
@@ -185,46 +182,7 @@ impl Manifest {
 }
 
 fn corrupt(reason: &str) -> CasError {
-    CasError::CorruptRecord {
-        what: "manifest",
-        reason: reason.to_owned(),
-    }
-}
-
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn remaining(&self) -> usize {
-        self.bytes.len() - self.pos
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.remaining() < n {
-            return Err(corrupt("truncated"));
-        }
-        let out = &self.bytes[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(out)
-    }
-
-    fn u8(&mut self) -> Result<u8> {
-        Ok(self.take(1)?[0])
-    }
-
-    fn u32(&mut self) -> Result<u32> {
-        let mut b = [0u8; 4];
-        b.copy_from_slice(self.take(4)?);
-        Ok(u32::from_le_bytes(b))
-    }
-
-    fn u64(&mut self) -> Result<u64> {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(self.take(8)?);
-        Ok(u64::from_le_bytes(b))
-    }
+    crate::codec::corrupt("manifest", reason)
 }
 
 #[cfg(test)]
