@@ -87,7 +87,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Mount(args) => {
-            init_logging(cli.log_level.as_deref().or(args.log_level_hint()));
+            let hint = args.log_level_hint();
+            init_logging(cli.log_level.as_deref().or(hint.as_deref()));
             mount::run(args)
         }
         Command::Status { cache_dir, json } => {

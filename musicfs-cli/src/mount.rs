@@ -50,12 +50,12 @@ pub struct MountArgs {
 
 impl MountArgs {
     /// The config file's log level, for logging set up before the rest.
-    pub fn log_level_hint(&self) -> Option<&'static str> {
+    pub fn log_level_hint(&self) -> Option<String> {
         let cfg = self
             .config
             .as_ref()
             .and_then(|p| FileConfig::load(p).ok())?;
-        cfg.log_level.map(|l| &*Box::leak(l.into_boxed_str()))
+        cfg.log_level
     }
 }
 
