@@ -1,5 +1,5 @@
-//! A bounds-checked reader for the little-endian records the index keeps
-//! (manifests, listings). Every read of bytes from disk goes through it, so
+//! The little-endian record format the index keeps (manifests, listings):
+//! writers, and a bounds-checked reader. Every read of bytes from disk goes through it, so
 //! a truncated or damaged record is a [`CasError::CorruptRecord`] naming the
 //! record kind, never an out-of-bounds panic.
 
@@ -9,6 +9,34 @@ pub(crate) fn corrupt(what: &'static str, reason: &str) -> CasError {
     CasError::CorruptRecord {
         what,
         reason: reason.to_owned(),
+    }
+}
+
+/// A u32-length-prefixed UTF-8 string.
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// An optional mtime: a flag byte, then the value when present.
+pub(crate) fn put_opt_i64(out: &mut Vec<u8>, v: Option<i64>) {
+    match v {
+        Some(t) => {
+            out.push(1);
+            out.extend_from_slice(&t.to_le_bytes());
+        }
+        None => out.push(0),
+    }
+}
+
+/// An optional string: a flag byte, then the string when present.
+pub(crate) fn put_opt_str(out: &mut Vec<u8>, v: Option<&str>) {
+    match v {
+        Some(t) => {
+            out.push(1);
+            put_str(out, t);
+        }
+        None => out.push(0),
     }
 }
 
@@ -60,7 +88,25 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(b))
     }
 
-    /// A u32-length-prefixed UTF-8 string.
+    /// What [`put_opt_i64`] wrote.
+    pub(crate) fn opt_i64(&mut self) -> Result<Option<i64>> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.u64()? as i64)),
+            _ => Err(self.corrupt("bad mtime flag")),
+        }
+    }
+
+    /// What [`put_opt_str`] wrote.
+    pub(crate) fn opt_string(&mut self) -> Result<Option<String>> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.string()?)),
+            _ => Err(self.corrupt("bad etag flag")),
+        }
+    }
+
+    /// What [`put_str`] wrote.
     pub(crate) fn string(&mut self) -> Result<String> {
         let n = self.u32()? as usize;
         let raw = self.take(n)?;

@@ -274,18 +274,11 @@ impl Index {
     /// The manifest of a file, if one is stored and decodes. A damaged one is
     /// dropped (it is only a cache) and `None` returned.
     pub fn manifest(&self, origin: &OriginId, path: &OriginPath) -> Result<Option<Manifest>> {
-        let key = manifest_key(origin, path);
-        let Some(bytes) = self.manifests.get(&key).map_err(sled_err)? else {
-            return Ok(None);
-        };
-        match Manifest::decode(&bytes) {
-            Ok(m) => Ok(Some(m)),
-            Err(e) => {
-                warn!(%origin, %path, error = %e, "dropping a damaged manifest; the file will be fetched again");
-                self.manifests.remove(&key).map_err(sled_err)?;
-                Ok(None)
-            }
-        }
+        get_or_drop(
+            &self.manifests,
+            &manifest_key(origin, path),
+            Manifest::decode,
+        )
     }
 
     pub fn put_manifest(&self, origin: &OriginId, path: &OriginPath, m: &Manifest) -> Result<()> {
@@ -331,18 +324,7 @@ impl Index {
     /// The cached listing of a directory, if one is stored and decodes (a
     /// damaged one is dropped: it is only a cache of the origin).
     pub fn listing(&self, origin: &OriginId, dir: &OriginPath) -> Result<Option<Listing>> {
-        let key = manifest_key(origin, dir);
-        let Some(bytes) = self.listings.get(&key).map_err(sled_err)? else {
-            return Ok(None);
-        };
-        match Listing::decode(&bytes) {
-            Ok(l) => Ok(Some(l)),
-            Err(e) => {
-                warn!(%origin, %dir, error = %e, "dropping a damaged directory listing");
-                self.listings.remove(&key).map_err(sled_err)?;
-                Ok(None)
-            }
-        }
+        get_or_drop(&self.listings, &manifest_key(origin, dir), Listing::decode)
     }
 
     pub fn put_listing(
@@ -376,6 +358,27 @@ pub struct ManifestEntry {
     pub raw_key: Vec<u8>,
     pub key: Option<(OriginId, OriginPath)>,
     pub manifest: Result<Manifest>,
+}
+
+/// The record at `key`, decoded; a record that does not decode is dropped
+/// (the index is only a cache: the file or listing is fetched again) and
+/// `None` returned.
+fn get_or_drop<T>(
+    tree: &sled::Tree,
+    key: &[u8],
+    decode: impl Fn(&[u8]) -> Result<T>,
+) -> Result<Option<T>> {
+    let Some(bytes) = tree.get(key).map_err(sled_err)? else {
+        return Ok(None);
+    };
+    match decode(&bytes) {
+        Ok(v) => Ok(Some(v)),
+        Err(e) => {
+            warn!(key = %String::from_utf8_lossy(key).replace('\0', ":"), error = %e, "dropping a damaged index record; it is fetched again from the origin");
+            tree.remove(key).map_err(sled_err)?;
+            Ok(None)
+        }
+    }
 }
 
 enum OpenFailure {

@@ -8,7 +8,7 @@
 
 use musicfs_origins::{DirEntry, EntryKind, EntryMeta};
 
-use crate::codec::Reader;
+use crate::codec::{put_opt_i64, put_opt_str, put_str, Reader};
 use crate::{CasError, Result};
 
 const MAGIC: &[u8; 4] = b"MFL1";
@@ -34,20 +34,8 @@ impl Listing {
                 EntryKind::Symlink => 2,
             });
             out.extend_from_slice(&e.meta.size.to_le_bytes());
-            match e.meta.mtime_ns {
-                Some(t) => {
-                    out.push(1);
-                    out.extend_from_slice(&t.to_le_bytes());
-                }
-                None => out.push(0),
-            }
-            match &e.meta.etag {
-                Some(t) => {
-                    out.push(1);
-                    put_str(&mut out, t);
-                }
-                None => out.push(0),
-            }
+            put_opt_i64(&mut out, e.meta.mtime_ns);
+            put_opt_str(&mut out, e.meta.etag.as_deref());
         }
         out
     }
@@ -74,16 +62,8 @@ impl Listing {
                 _ => return Err(corrupt("bad entry kind")),
             };
             let size = r.u64()?;
-            let mtime_ns = match r.u8()? {
-                0 => None,
-                1 => Some(r.u64()? as i64),
-                _ => return Err(corrupt("bad mtime flag")),
-            };
-            let etag = match r.u8()? {
-                0 => None,
-                1 => Some(r.string()?),
-                _ => return Err(corrupt("bad etag flag")),
-            };
+            let mtime_ns = r.opt_i64()?;
+            let etag = r.opt_string()?;
             entries.push(DirEntry {
                 name,
                 meta: EntryMeta {
@@ -102,11 +82,6 @@ impl Listing {
             entries,
         })
     }
-}
-
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
 }
 
 fn corrupt(reason: &str) -> CasError {

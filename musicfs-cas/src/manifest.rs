@@ -9,7 +9,7 @@
 
 use musicfs_origins::EntryMeta;
 
-use crate::codec::Reader;
+use crate::codec::{put_opt_i64, put_opt_str, Reader};
 use crate::{CasError, ChunkId, Result};
 
 const MAGIC: &[u8; 4] = b"MFM1";
@@ -119,21 +119,8 @@ impl Manifest {
         let mut out = Vec::with_capacity(4 + 8 + 9 + 5 + etag.len() + 4 + self.chunks.len() * 36);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&self.version.size.to_le_bytes());
-        match self.version.mtime_ns {
-            Some(t) => {
-                out.push(1);
-                out.extend_from_slice(&t.to_le_bytes());
-            }
-            None => out.push(0),
-        }
-        match &self.version.etag {
-            Some(_) => {
-                out.push(1);
-                out.extend_from_slice(&(etag.len() as u32).to_le_bytes());
-                out.extend_from_slice(etag);
-            }
-            None => out.push(0),
-        }
+        put_opt_i64(&mut out, self.version.mtime_ns);
+        put_opt_str(&mut out, self.version.etag.as_deref());
         out.extend_from_slice(&(self.chunks.len() as u32).to_le_bytes());
         for c in &self.chunks {
             out.extend_from_slice(c.id.as_bytes());
@@ -148,16 +135,8 @@ impl Manifest {
             return Err(corrupt("bad magic (not a MusicFS manifest)"));
         }
         let size = r.u64()?;
-        let mtime_ns = match r.u8()? {
-            0 => None,
-            1 => Some(r.u64()? as i64),
-            _ => return Err(corrupt("bad mtime flag")),
-        };
-        let etag = match r.u8()? {
-            0 => None,
-            1 => Some(r.string()?),
-            _ => return Err(corrupt("bad etag flag")),
-        };
+        let mtime_ns = r.opt_i64()?;
+        let etag = r.opt_string()?;
         let count = r.u32()? as usize;
         // Each chunk takes 36 bytes: check before allocating for `count`.
         if r.remaining() != count.saturating_mul(36) {

@@ -99,18 +99,15 @@ pub(crate) async fn run(cache: &Cache, repair: bool) -> Result<VerifyReport> {
                     Ok(Err(e)) => e.to_string(),
                     _ => "the read task failed".to_owned(),
                 };
-                if repair {
-                    store.remove(*id).await?;
-                } else {
-                    corrupt.insert(*id);
-                }
-                report.findings.push(Finding {
-                    kind: FindingKind::CorruptChunk,
-                    subject: id.to_hex(),
-                    detail: format!("unreadable: {why}"),
-                    fix: "remove the file; it is fetched again when needed".into(),
-                    repaired: repair,
-                });
+                bad_chunk(
+                    &store,
+                    *id,
+                    format!("unreadable: {why}"),
+                    repair,
+                    &mut corrupt,
+                    &mut report,
+                )
+                .await?;
                 continue;
             }
         };
@@ -121,18 +118,8 @@ pub(crate) async fn run(cache: &Cache, repair: bool) -> Result<VerifyReport> {
             present.insert(*id);
             continue;
         }
-        if repair {
-            store.remove(*id).await?;
-        } else {
-            corrupt.insert(*id);
-        }
-        report.findings.push(Finding {
-            kind: FindingKind::CorruptChunk,
-            subject: id.to_hex(),
-            detail: format!("{} bytes hashing to {actual}", data.len()),
-            fix: "remove the file; it is fetched again when needed".into(),
-            repaired: repair,
-        });
+        let detail = format!("{} bytes hashing to {actual}", data.len());
+        bad_chunk(&store, *id, detail, repair, &mut corrupt, &mut report).await?;
     }
 
     // 2. Index records against files.
@@ -223,6 +210,31 @@ pub(crate) async fn run(cache: &Cache, repair: bool) -> Result<VerifyReport> {
         "verify finished"
     );
     Ok(report)
+}
+
+/// A chunk file that is corrupt or unreadable: removed when repairing,
+/// else remembered so the manifest check does not report it twice.
+async fn bad_chunk(
+    store: &crate::ChunkStore,
+    id: ChunkId,
+    detail: String,
+    repair: bool,
+    corrupt: &mut HashSet<ChunkId>,
+    report: &mut VerifyReport,
+) -> Result<()> {
+    if repair {
+        store.remove(id).await?;
+    } else {
+        corrupt.insert(id);
+    }
+    report.findings.push(Finding {
+        kind: FindingKind::CorruptChunk,
+        subject: id.to_hex(),
+        detail,
+        fix: "remove the file; it is fetched again when needed".into(),
+        repaired: repair,
+    });
+    Ok(())
 }
 
 async fn check_manifest(

@@ -64,6 +64,15 @@ impl Daemon {
             .unwrap();
     }
 
+    /// SIGTERM, then asserts a clean exit (0) within 20 s.
+    fn stop(&mut self) {
+        self.signal("TERM");
+        let st = self
+            .wait(Duration::from_secs(20))
+            .expect("SIGTERM did not end musicfs");
+        assert!(st.success(), "musicfs exited with {st:?}");
+    }
+
     /// Waits for the process to end; its exit status.
     fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let start = Instant::now();
@@ -372,8 +381,7 @@ fn origin_down_at_start_is_served_from_cache_or_refused_when_uncached() {
         let mut d = Daemon::start(&mp, &cache, &[&lib], &[]);
         assert_eq!(std::fs::read(mp.join("lib/x/t.flac")).unwrap(), data);
         std::thread::sleep(Duration::from_millis(300));
-        d.signal("TERM");
-        assert!(d.wait(Duration::from_secs(20)).unwrap().success());
+        d.stop();
     }
     std::fs::rename(&real, tmp.path().join("gone")).unwrap();
     {
@@ -419,8 +427,7 @@ fn verify_finds_damage_and_repair_fixes_it() {
         let mut d = Daemon::start(&mp, &cache, &[&lib], &[]);
         assert_eq!(std::fs::read(mp.join("lib/v.flac")).unwrap(), data);
         std::thread::sleep(Duration::from_millis(500));
-        d.signal("TERM");
-        assert!(d.wait(Duration::from_secs(20)).unwrap().success());
+        d.stop();
     }
     // Corrupt one chunk file.
     let mut chunk = None;

@@ -37,17 +37,23 @@ struct Harness {
     _cache_dir: TempDir,
 }
 
+/// A multi-thread runtime and a fresh 1 GiB cache in a temp dir.
+fn runtime_and_cache() -> (Runtime, TempDir, Cache) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let (cache, _) = rt
+        .block_on(Cache::open(CacheConfig::new(cache_dir.path(), 1 << 30)))
+        .unwrap();
+    (rt, cache_dir, cache)
+}
+
 impl Harness {
     fn start(origins: Vec<DynOrigin>, config: FsConfig) -> Harness {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(4)
-            .enable_all()
-            .build()
-            .unwrap();
-        let cache_dir = tempfile::tempdir().unwrap();
-        let (cache, _) = rt
-            .block_on(Cache::open(CacheConfig::new(cache_dir.path(), 1 << 30)))
-            .unwrap();
+        let (rt, cache_dir, cache) = runtime_and_cache();
         let fs = MusicFs::new(cache.clone(), origins, config, rt.handle().clone());
         rt.block_on(fs.preflight(Duration::from_secs(10))).unwrap();
         let mountpoint = tempfile::tempdir().unwrap();
@@ -532,14 +538,7 @@ fn an_external_unmount_ends_the_session() {
 
 #[test]
 fn preflight_names_the_origin_that_is_down() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let cache_dir = tempfile::tempdir().unwrap();
-    let (cache, _) = rt
-        .block_on(Cache::open(CacheConfig::new(cache_dir.path(), 1 << 30)))
-        .unwrap();
+    let (rt, _cache_dir, cache) = runtime_and_cache();
     let up = tempfile::tempdir().unwrap();
     let base = tempfile::tempdir().unwrap();
     let down_root = base.path().join("nas");
@@ -597,14 +596,7 @@ fn child_mounts_and_waits() {
     ) else {
         return;
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let cache_dir = tempfile::tempdir().unwrap();
-    let (cache, _) = rt
-        .block_on(Cache::open(CacheConfig::new(cache_dir.path(), 1 << 30)))
-        .unwrap();
+    let (rt, _cache_dir, cache) = runtime_and_cache();
     let fs = MusicFs::new(
         cache,
         vec![local("music", Path::new(&origin))],

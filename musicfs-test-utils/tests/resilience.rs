@@ -69,6 +69,26 @@ fn mem_with(files: &[(&str, Vec<u8>)]) -> Arc<MemOrigin> {
     m
 }
 
+/// `n` files named `{prefix}{i}{suffix}` of `len` pseudo-random bytes each.
+fn numbered(prefix: &str, suffix: &str, n: u64, len: u64, seed: u64) -> Vec<(String, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            (
+                format!("{prefix}{i}{suffix}"),
+                pseudo_random_bytes(len as usize, seed + i),
+            )
+        })
+        .collect()
+}
+
+fn mem_of(files: &[(String, Vec<u8>)]) -> Arc<MemOrigin> {
+    let m = MemOrigin::new(oid("lib"));
+    for (path, data) in files {
+        m.put(path, data.clone());
+    }
+    m
+}
+
 /// The chunk files of a fully cached file, in file order, with start offsets.
 fn chunks_of(cache: &Cache, path: &str) -> Vec<(u64, ChunkId, u32)> {
     let m = cache
@@ -183,12 +203,7 @@ async fn test_cas_size_tracking_is_correct() {
             )
         })
         .collect();
-    let origin = mem_with(
-        &files
-            .iter()
-            .map(|(p, d)| (p.as_str(), d.clone()))
-            .collect::<Vec<_>>(),
-    );
+    let origin = mem_of(&files);
     let o: DynOrigin = origin;
     let cache = cache_over(dir.path(), o.clone(), 1 << 30).await;
     cache
@@ -219,20 +234,8 @@ async fn test_cas_size_tracking_is_correct() {
 #[tokio::test]
 async fn eviction_keeps_the_cache_under_its_limit_and_reads_right() {
     let dir = TempDir::new().unwrap();
-    let files: Vec<(String, Vec<u8>)> = (0..12)
-        .map(|i| {
-            (
-                format!("t{i}.flac"),
-                pseudo_random_bytes(2 * MIB as usize, 100 + i),
-            )
-        })
-        .collect();
-    let origin = mem_with(
-        &files
-            .iter()
-            .map(|(p, d)| (p.as_str(), d.clone()))
-            .collect::<Vec<_>>(),
-    );
+    let files = numbered("t", ".flac", 12, 2 * MIB, 100);
+    let origin = mem_of(&files);
     let o: DynOrigin = origin;
     let limit = 8 * MIB;
     let cache = cache_over(dir.path(), o.clone(), limit).await;
@@ -261,20 +264,8 @@ async fn eviction_keeps_the_cache_under_its_limit_and_reads_right() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eviction_racing_with_reads_never_serves_wrong_bytes() {
     let dir = TempDir::new().unwrap();
-    let files: Vec<(String, Vec<u8>)> = (0..6)
-        .map(|i| {
-            (
-                format!("r{i}.mp3"),
-                pseudo_random_bytes(3 * MIB as usize, 300 + i),
-            )
-        })
-        .collect();
-    let origin = mem_with(
-        &files
-            .iter()
-            .map(|(p, d)| (p.as_str(), d.clone()))
-            .collect::<Vec<_>>(),
-    );
+    let files = numbered("r", ".mp3", 6, 3 * MIB, 300);
+    let origin = mem_of(&files);
     let o: DynOrigin = origin;
     // Room for about two files: every pass evicts what another reader uses.
     let cache = cache_over(dir.path(), o.clone(), 6 * MIB).await;
@@ -849,20 +840,8 @@ impl Drop for Tmpfs {
 #[tokio::test]
 async fn test_passthrough_mode_when_cache_disk_dead() {
     let fs = Tmpfs::new("64m");
-    let files: Vec<(String, Vec<u8>)> = (0..3)
-        .map(|i| {
-            (
-                format!("p{i}.flac"),
-                pseudo_random_bytes(3 * MIB as usize, 500 + i),
-            )
-        })
-        .collect();
-    let faulty = FaultyOrigin::new(mem_with(
-        &files
-            .iter()
-            .map(|(p, d)| (p.as_str(), d.clone()))
-            .collect::<Vec<_>>(),
-    ));
+    let files = numbered("p", ".flac", 3, 3 * MIB, 500);
+    let faulty = FaultyOrigin::new(mem_of(&files));
     let o: DynOrigin = faulty.clone();
     let cache = cache_over(fs.path(), o.clone(), 1 << 30).await;
     assert_eq!(
@@ -923,20 +902,8 @@ async fn test_passthrough_mode_when_cache_disk_dead() {
 async fn full_cache_disk_evicts_then_passes_through() {
     // The disk is far smaller than the configured cache size.
     let fs = Tmpfs::new("6m");
-    let files: Vec<(String, Vec<u8>)> = (0..6)
-        .map(|i| {
-            (
-                format!("f{i}.flac"),
-                pseudo_random_bytes(2 * MIB as usize, 600 + i),
-            )
-        })
-        .collect();
-    let o: DynOrigin = mem_with(
-        &files
-            .iter()
-            .map(|(p, d)| (p.as_str(), d.clone()))
-            .collect::<Vec<_>>(),
-    );
+    let files = numbered("f", ".flac", 6, 2 * MIB, 600);
+    let o: DynOrigin = mem_of(&files);
     let cache = cache_over(fs.path(), o.clone(), 1 << 30).await;
     for round in 0..2 {
         for (path, data) in &files {
@@ -1017,7 +984,7 @@ fn fd_child() {
         .unwrap();
     rt.block_on(async {
         let lib = TempDir::new().unwrap();
-        let files: Vec<(String, Vec<u8>)> = (0..16).map(|i| (format!("d/{i}.flac"), pseudo_random_bytes(600_000, 700 + i))).collect();
+        let files = numbered("d/", ".flac", 16, 600_000, 700);
         for (path, data) in &files {
             write_file(lib.path(), path, data).unwrap();
         }
