@@ -20,7 +20,9 @@
 //! - Renames into place and evictions' unlinks happen under the table lock,
 //!   so an eviction can never delete a chunk that a concurrent put has just
 //!   re-created.
-//! - At most `max_open_files` chunk files are open at once; the rest queue.
+//! - At most `max_open_files` chunk files are open at once; the rest queue,
+//!   and an operation that still meets `EMFILE` waits for fds to free up
+//!   (up to [`fds::FD_WAIT`]) rather than failing the read.
 //! - When the disk fails (read-only, full after eviction, I/O errors, the
 //!   directory gone and not re-creatable) the store turns *degraded*: puts
 //!   are refused with [`CasError::CacheUnavailable`] so callers serve from the
@@ -36,6 +38,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use musicfs_origins::fds;
 use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
@@ -348,7 +351,7 @@ impl ChunkStore {
         let permit = self.acquire_io().await?;
         blocking(move || {
             let _permit = permit;
-            inner.put_sync(&data)
+            out_of_fds_waited(|| inner.put_sync(&data))
         })
         .await
     }
@@ -360,7 +363,7 @@ impl ChunkStore {
         let permit = self.acquire_io().await?;
         blocking(move || {
             let _permit = permit;
-            inner.get_sync(&id)
+            out_of_fds_waited(|| inner.get_sync(&id))
         })
         .await
     }
@@ -409,6 +412,14 @@ impl ChunkStore {
                 reason: "the chunk store is shutting down".into(),
             })
     }
+}
+
+/// Retries a chunk-file operation while the process is out of fds, holding
+/// the caller's I/O slot, so a burst of readers queues instead of failing.
+fn out_of_fds_waited<T>(op: impl FnMut() -> Result<T>) -> Result<T> {
+    fds::retry_while_exhausted(fds::FD_WAIT, op, |e| {
+        matches!(e, CasError::TooManyOpenFiles { .. })
+    })
 }
 
 /// Runs blocking filesystem work off the async workers.
@@ -787,19 +798,13 @@ fn scan_shards(dir: &Path, depth: usize, out: &mut Vec<(ChunkId, u64, u64)>, str
 }
 
 /// A quarter of the soft fd limit, between 8 and 256: the rest is left to
-/// origins, FUSE and sled.
+/// origins, FUSE and sled. The daemon sets an exact share instead
+/// ([`fds::FdBudget`]); this default serves library users and tests.
 pub fn default_max_open_files() -> usize {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the rlimit struct we own and pass by
-    // valid pointer; it has no other effects.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-    if rc != 0 {
-        return 64;
+    match fds::soft_limit() {
+        Some(limit) => usize::try_from(limit / 4).unwrap_or(256).clamp(8, 256),
+        None => 64,
     }
-    ((lim.rlim_cur / 4) as usize).clamp(8, 256)
 }
 
 /// Bytes in files under `dir`, recursively, skipping `index.sled*` (what the

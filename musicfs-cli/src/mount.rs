@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use musicfs_cas::{Cache, CacheConfig};
 use musicfs_fuse::{FsConfig, MusicFs};
-use musicfs_origins::{DynOrigin, HealthMonitor, LocalOrigin, RetryOrigin, RetryPolicy};
+use musicfs_origins::{fds, DynOrigin, HealthMonitor, LocalOrigin, RetryOrigin, RetryPolicy};
 use tracing::{info, warn};
 
 use crate::config::{self, FileConfig, OriginSpec, UsageError};
@@ -228,8 +228,21 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
 
+    // Our own fd use is bounded by the limit we run under (a raised soft
+    // limit when the hard one allows), so a burst of readers queues on the
+    // store's and origins' semaphores instead of meeting EMFILE.
+    let fd_limit = fds::raise_soft_limit().unwrap_or(1024);
+    let budget = fds::FdBudget::split(fd_limit, s.origins.len(), LocalOrigin::DEFAULT_MAX_BLOCKING);
+    info!(
+        fd_limit,
+        store = budget.store,
+        per_origin = budget.per_origin,
+        "fd budget"
+    );
+
     let mut config = CacheConfig::new(&s.cache_dir, s.cache_size);
     config.origin_timeout = s.read_timeout;
+    config.max_open_files = budget.store;
     let (cache, opened) = rt
         .block_on(Cache::open(config))
         .context("cannot open the cache")?;
@@ -240,7 +253,10 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
     let health = Arc::new(HealthMonitor::new(s.health_timeout));
     let mut origins: Vec<DynOrigin> = Vec::new();
     for o in &s.origins {
-        let local: DynOrigin = Arc::new(LocalOrigin::new(o.name.clone(), o.location.clone()));
+        let local: DynOrigin = Arc::new(
+            LocalOrigin::new(o.name.clone(), o.location.clone())
+                .with_max_blocking(budget.per_origin),
+        );
         health.add(local.clone());
         let policy = RetryPolicy {
             max_attempts: 2,

@@ -22,6 +22,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub mod fds;
 pub mod health;
 pub mod local;
 mod path;
@@ -200,6 +201,12 @@ impl OriginError {
             | OriginError::Timeout { .. } => true,
             OriginError::Io { source, .. } => io_is_retryable(source),
         }
+    }
+
+    /// True when the process ran out of file descriptors: a moment's wait
+    /// (other reads closing theirs) fixes it.
+    pub fn is_fd_exhaustion(&self) -> bool {
+        matches!(self, OriginError::TooManyOpenFiles { .. })
     }
 
     /// True when the entry is known not to exist.

@@ -40,7 +40,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 
-use crate::{DirEntry, EntryKind, EntryMeta, Origin, OriginError, OriginId, OriginPath, Result};
+use crate::{
+    fds, DirEntry, EntryKind, EntryMeta, Origin, OriginError, OriginId, OriginPath, Result,
+};
 
 /// An origin backed by a local (or locally mounted) directory.
 #[derive(Debug)]
@@ -86,11 +88,12 @@ impl LocalOrigin {
         self.max_blocking
     }
 
-    /// Runs `f` on the blocking pool while holding one of this origin's slots.
+    /// Runs `f` on the blocking pool while holding one of this origin's slots
+    /// (and so at most one of its fds).
     async fn blocking<T, F>(&self, op: &'static str, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Fs) -> Result<T> + Send + 'static,
+        F: Fn(&Fs) -> Result<T> + Send + 'static,
     {
         let permit = Arc::clone(&self.slots)
             .acquire_owned()
@@ -103,9 +106,11 @@ impl LocalOrigin {
             })?;
         let fs = self.fs.clone();
         let task = tokio::task::spawn_blocking(move || {
-            // Held until the syscall returns, not until the caller gives up.
+            // Held until the syscall returns, not until the caller gives up;
+            // while out of fds the call waits here, holding its slot, so
+            // the queue stays on the semaphore.
             let _permit = permit;
-            f(&fs)
+            fds::retry_while_exhausted(fds::FD_WAIT, || f(&fs), OriginError::is_fd_exhaustion)
         });
         task.await.map_err(|err| OriginError::Unavailable {
             origin: self.fs.id.clone(),
@@ -714,12 +719,17 @@ mod tests {
         // Occupy the hung origin's only slot with a call stuck in the
         // blocking pool, as a syscall on a dead NAS would be.
         let (entered_tx, entered_rx) = tokio::sync::oneshot::channel();
+        // `blocking` may run its closure again (while out of fds), so the
+        // one-shot sender sits in a slot it is taken from.
+        let entered_tx = std::sync::Mutex::new(Some(entered_tx));
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let stuck = tokio::spawn({
             let hung = Arc::clone(&hung);
             async move {
                 hung.blocking("stuck", move |_| {
-                    let _ = entered_tx.send(());
+                    if let Some(tx) = entered_tx.lock().unwrap().take() {
+                        let _ = tx.send(());
+                    }
                     let _ = release_rx.recv();
                     Ok(())
                 })
