@@ -121,8 +121,15 @@ pub fn serve(
     let listener = tokio::net::UnixListener::bind(&path)?;
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((mut conn, _)) = listener.accept().await else {
-                continue;
+            let mut conn = match listener.accept().await {
+                Ok((conn, _)) => conn,
+                Err(e) => {
+                    // EMFILE leaves the client in the backlog, so accept
+                    // would fail again at once: pause instead of spinning.
+                    tracing::debug!(error = %e, "status socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
             };
             let report = live_report(&cache_dir, &info, &cache, &health);
             let body = serde_json::to_vec(&report).unwrap_or_default();
