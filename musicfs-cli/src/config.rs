@@ -121,7 +121,9 @@ pub fn parse_size(text: &str) -> Result<u64, UsageError> {
         return Err(bad());
     }
     let bytes = value * mult as f64;
-    if bytes > u64::MAX as f64 {
+    // Under one byte would truncate to a cache of 0 bytes, which "0" itself
+    // is refused as.
+    if !(1.0..=u64::MAX as f64).contains(&bytes) {
         return Err(bad());
     }
     Ok(bytes as u64)
@@ -173,6 +175,16 @@ mod tests {
         for bad in ["", "G", "12X", "-5M", "0", "lots", "1e400G"] {
             assert!(parse_size(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn sizes_under_one_byte_are_refused() {
+        // Found by the config fuzz target: ".7741824\n" parsed as 0 bytes.
+        for tiny in [".7741824\n", "0.5", "0.0001K"] {
+            assert!(parse_size(tiny).is_err(), "{tiny:?} accepted");
+        }
+        assert_eq!(parse_size("1").unwrap(), 1);
+        assert_eq!(parse_size("0.5K").unwrap(), 512);
     }
 
     #[test]

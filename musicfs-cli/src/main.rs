@@ -4,17 +4,15 @@
 //! Exit codes: 0 success; 1 a runtime failure or remaining damage (the
 //! message says what happened); 2 bad input (the message says what to fix).
 
-mod config;
 mod doctor;
-mod lock;
 mod mount;
-mod status;
 mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use musicfs_cli::{config, lock, status};
 
 #[derive(Debug, Parser)]
 #[command(

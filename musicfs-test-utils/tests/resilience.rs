@@ -7,8 +7,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -120,6 +121,18 @@ async fn wait_cached(cache: &Cache, path: &str) {
     panic!("{path} was not fully cached within 5 s");
 }
 
+/// Waits (bounded: 1000 polls 10 ms apart, real or paused time) until
+/// `cond` holds.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{what}: not within 10 s");
+}
+
 // ---------------------------------------------------------------- health
 
 #[tokio::test(start_paused = true)]
@@ -188,6 +201,39 @@ async fn hung_origin_does_not_delay_the_others_and_recovers() {
     hung.clear();
     let again = monitor.check_all().await;
     assert!(again.iter().all(|(_, h)| h.state == HealthState::Healthy));
+}
+
+#[tokio::test(start_paused = true)]
+async fn background_health_checks_see_a_hang_and_its_end() {
+    let faulty = FaultyOrigin::new(mem_with(&[]));
+    let monitor = Arc::new(HealthMonitor::new(Duration::from_secs(2)));
+    monitor.add(faulty.clone());
+    let id = oid("lib");
+    let state = || monitor.status(&id).unwrap().state;
+    // Rounds at 0 s, 10 s, 20 s, ... (paused clock).
+    let _rounds = monitor.spawn(Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(state(), HealthState::Healthy);
+    faulty.set_fault(Fault::Hang);
+    // The 10 s round gives up on the hung probe after the 2 s timeout.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let hung = monitor.status(&id).unwrap();
+    assert_eq!(hung.state, HealthState::Unhealthy);
+    assert!(
+        hung.last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("2s"),
+        "{hung:?}"
+    );
+    // The hang ends; the next round (20 s) finds the origin healthy again,
+    // with nobody asking for a check.
+    faulty.clear();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let back = monitor.status(&id).unwrap();
+    assert_eq!(back.state, HealthState::Healthy, "{back:?}");
+    assert_eq!(back.consecutive_failures, 0);
+    assert!(back.last_error.is_none());
 }
 
 // ------------------------------------------------------ size and eviction
@@ -419,6 +465,95 @@ async fn refetch_of_a_changed_origin_file_is_an_error_not_wrong_bytes() {
     assert!(matches!(err, CasError::OriginChanged { .. }), "{err}");
 }
 
+#[tokio::test]
+async fn corrupted_origin_bytes_are_caught_by_the_chunk_hash_and_never_stored() {
+    let dir = TempDir::new().unwrap();
+    let (cache, faulty, o, data) = cached_file(dir.path(), 9 * MIB as usize).await;
+    let path = "Album/01 - Track.flac";
+    let chunks = chunks_of(&cache, path);
+    let (start, victim, len) = chunks[1];
+    std::fs::remove_file(cache.store().chunk_path(&victim)).unwrap();
+    faulty.set_fault_on(Ops::READ, Fault::CorruptBytes);
+    let meta = o.stat(&p(path)).await.unwrap();
+    let h = cache.open_file(o.id(), &p(path), &meta).await.unwrap();
+    // The re-fetch of the missing chunk hashes to another name: an error,
+    // not the origin's wrong bytes.
+    let err = h.read(start, u64::from(len)).await.unwrap_err();
+    assert!(matches!(err, CasError::OriginChanged { .. }), "{err}");
+    assert!(faulty.stats().read_calls > 0, "the origin was not asked");
+    assert!(
+        !cache.store().chunk_path(&victim).exists(),
+        "wrong bytes stored under the chunk's name"
+    );
+    drop(h);
+    // Once the origin serves right bytes again, so does the cache.
+    faulty.clear();
+    assert!(read_all(&cache, &o, path, MIB).await.unwrap() == data);
+    wait_cached(&cache, path).await;
+    assert_eq!(chunks_of(&cache, path), chunks);
+    assert!(cache.verify(false).await.unwrap().findings.is_empty());
+}
+
+/// Chunk files vanish (a user's `rm`, another tool) while reads run: each
+/// read looks the chunk up in the manifest and then opens its file, and
+/// whichever side of that gap the unlink lands on, the read is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_deleted_while_reads_run_are_refetched_and_reads_stay_right() {
+    let dir = TempDir::new().unwrap();
+    let (cache, faulty, o, data) = cached_file(dir.path(), 9 * MIB as usize).await;
+    let path = "Album/01 - Track.flac";
+    let chunks = chunks_of(&cache, path);
+    let files: Vec<PathBuf> = chunks
+        .iter()
+        .map(|(_, id, _)| cache.store().chunk_path(id))
+        .collect();
+    // The first reads are sure to meet missing chunks; the deleter then
+    // keeps racing the reads.
+    for f in &files {
+        std::fs::remove_file(f).unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let deleter = {
+        let (stop, files) = (stop.clone(), files.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                for f in &files {
+                    let _ = std::fs::remove_file(f);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let mut readers = Vec::new();
+    for step in [64 * 1024, 256 * 1024, MIB] {
+        let (cache, o, data) = (cache.clone(), o.clone(), data.clone());
+        readers.push(tokio::spawn(async move {
+            for round in 0..4 {
+                let got = read_all(&cache, &o, path, step).await.unwrap();
+                assert!(got == data, "wrong bytes, step {step} round {round}");
+            }
+        }));
+    }
+    for r in readers {
+        r.await.unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    deleter.join().unwrap();
+    let refetched = cache.stats().refetched_chunks;
+    assert!(refetched >= chunks.len() as u64, "{:?}", cache.stats());
+    // Each re-fetch asked for its own chunk's range, never the whole file.
+    let largest = chunks.iter().map(|c| u64::from(c.2)).max().unwrap();
+    assert!(faulty.stats().bytes_served <= refetched * largest);
+    // With the deleter gone, one read heals every file, and the store's size
+    // matches the disk again.
+    assert!(read_all(&cache, &o, path, MIB).await.unwrap() == data);
+    assert!(files.iter().all(|f| f.exists()));
+    assert_eq!(
+        cache.store().current_size(),
+        disk_usage(&dir.path().join("chunks"))
+    );
+}
+
 // ------------------------------------------------------------- staleness
 
 #[tokio::test]
@@ -438,6 +573,63 @@ async fn changed_origin_file_is_not_served_from_stale_chunks() {
     let v3 = pseudo_random_bytes(MIB as usize, 3);
     mem.put("song.flac", v3.clone());
     assert_eq!(read_all(&cache, &o, "song.flac", MIB).await.unwrap(), v3);
+}
+
+#[tokio::test]
+async fn origin_file_changed_only_in_mtime_while_cached_and_open() {
+    let dir = TempDir::new().unwrap();
+    let path = "touch.flac";
+    let v1 = pseudo_random_bytes(4 * MIB as usize, 41);
+    let mem = mem_with(&[(path, v1.clone())]);
+    let faulty = FaultyOrigin::new(mem.clone());
+    let o: DynOrigin = faulty.clone();
+    let cache = cache_over(dir.path(), o.clone(), 1 << 30).await;
+    assert!(read_all(&cache, &o, path, MIB).await.unwrap() == v1);
+    wait_cached(&cache, path).await;
+    let first = o.stat(&p(path)).await.unwrap();
+    let t1 = first.mtime_ns.unwrap();
+    let stored = cache.store().current_size();
+
+    // `touch`: same bytes, same size, the mtime moves by one nanosecond.
+    mem.put_with_mtime(path, v1.clone(), t1 + 1);
+    let touched = o.stat(&p(path)).await.unwrap();
+    assert_eq!(touched.size, first.size);
+    assert!(read_all(&cache, &o, path, MIB).await.unwrap() == v1);
+    wait_cached(&cache, path).await;
+    let m = cache
+        .index()
+        .manifest(&oid("lib"), &p(path))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        m.version.mtime_ns,
+        Some(t1 + 1),
+        "manifest kept the old version"
+    );
+    // The new version's chunks are the old ones: nothing stored twice.
+    assert_eq!(cache.store().current_size(), stored);
+
+    // Same size, other bytes, the mtime one nanosecond on, while a handle on
+    // the cached version is still open (a player mid-track).
+    let playing = cache.open_file(o.id(), &p(path), &touched).await.unwrap();
+    let v2 = pseudo_random_bytes(4 * MIB as usize, 42);
+    mem.put_with_mtime(path, v2.clone(), t1 + 2);
+    assert_eq!(o.stat(&p(path)).await.unwrap().size, first.size);
+    assert!(read_all(&cache, &o, path, MIB).await.unwrap() == v2);
+    wait_cached(&cache, path).await;
+    // The open handle keeps reading its own version whole, from its chunks,
+    // and does not put its manifest back over the new one.
+    assert!(playing.read(0, 4 * MIB).await.unwrap() == v1);
+    drop(playing);
+    let m = cache
+        .index()
+        .manifest(&oid("lib"), &p(path))
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.version.mtime_ns, Some(t1 + 2));
+    faulty.reset_stats();
+    assert!(read_all(&cache, &o, path, MIB).await.unwrap() == v2);
+    assert_eq!(faulty.stats().read_calls, 0, "v2 was not served from cache");
 }
 
 // ----------------------------------------------------- cold reads, ingest
@@ -638,6 +830,100 @@ async fn transient_origin_errors_surface_typed_and_retryable() {
             .unwrap(),
         data
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_origin_is_slow_but_right() {
+    let dir = TempDir::new().unwrap();
+    let files = numbered("slow/", ".flac", 2, 3 * MIB, 900);
+    let faulty = FaultyOrigin::new(mem_of(&files));
+    // Every call waits 2 s (paused clock): slow, but within the 30 s bound.
+    let delay = Duration::from_secs(2);
+    faulty.set_fault(Fault::TimeoutMs(delay.as_millis() as u64));
+    let o: DynOrigin = faulty.clone();
+    let cache = cache_over(dir.path(), o.clone(), 1 << 30).await;
+    for (path, data) in &files {
+        let start = tokio::time::Instant::now();
+        let got = read_all(&cache, &o, path, 128 * 1024).await.unwrap();
+        assert!(&got == data, "wrong bytes for {path}");
+        assert!(start.elapsed() >= 2 * delay, "the delay was not applied");
+        wait_cached(&cache, path).await;
+    }
+    // Cached now: the next reads cost a stat, not a read.
+    faulty.reset_stats();
+    for (path, data) in &files {
+        assert!(&read_all(&cache, &o, path, MIB).await.unwrap() == data);
+    }
+    assert_eq!(faulty.stats().read_calls, 0);
+}
+
+/// The origin goes down and comes back, again and again, while readers read
+/// and the health monitor runs: every read gives the right bytes or a typed,
+/// retryable origin error, and the monitor follows each flip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flapping_origin_reads_are_right_or_typed_and_health_follows() {
+    let dir = TempDir::new().unwrap();
+    let files = numbered("flap/", ".flac", 6, MIB, 810);
+    let faulty = FaultyOrigin::new(mem_of(&files));
+    let o: DynOrigin = faulty.clone();
+    let cache = cache_over(dir.path(), o.clone(), 1 << 30).await;
+    let monitor = Arc::new(HealthMonitor::new(Duration::from_secs(1)));
+    monitor.add(o.clone());
+    let _rounds = monitor.spawn(Duration::from_millis(5));
+    let state = || monitor.status(o.id()).map(|h| h.state);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut readers = Vec::new();
+    for t in 0..3 {
+        let (cache, o, files) = (cache.clone(), o.clone(), files.clone());
+        let (stop, failed) = (stop.clone(), failed.clone());
+        readers.push(tokio::spawn(async move {
+            for i in t.. {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let (path, data) = &files[i % files.len()];
+                let read = tokio::time::timeout(
+                    Duration::from_secs(30),
+                    read_all(&cache, &o, path, 128 * 1024),
+                );
+                match read.await.expect("a read hung on a flapping origin") {
+                    Ok(got) => assert!(&got == data, "wrong bytes for {path}"),
+                    Err(CasError::Origin(e)) if e.is_retryable() => {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        // An injected failure returns at once; back off as
+                        // a player would instead of spinning the workers.
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Err(e) => panic!("unexpected error from a flapping origin: {e:?}"),
+                }
+            }
+        }));
+    }
+    for flip in 0..5 {
+        faulty.set_fault(Fault::Transient);
+        // Down until a reader has met the outage and the monitor noticed.
+        let failed_before = failed.load(Ordering::SeqCst);
+        eventually(&format!("flip {flip}: down"), || {
+            failed.load(Ordering::SeqCst) > failed_before && state() == Some(HealthState::Unhealthy)
+        })
+        .await;
+        faulty.clear();
+        eventually(&format!("flip {flip}: up"), || {
+            state() == Some(HealthState::Healthy)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for r in readers {
+        r.await.unwrap();
+    }
+    // Up for good: every file reads right.
+    for (path, data) in &files {
+        assert!(&read_all(&cache, &o, path, MIB).await.unwrap() == data);
+    }
 }
 
 // --------------------------------------------------- crash leftovers, index
@@ -916,6 +1202,51 @@ async fn full_cache_disk_evicts_then_passes_through() {
         "ENOSPC did not trigger eviction: {:?}",
         cache.stats()
     );
+}
+
+#[tokio::test]
+async fn disk_filled_by_others_passes_through_then_recovers_when_space_returns() {
+    let fs = Tmpfs::new("24m");
+    let files = numbered("s", ".flac", 3, 3 * MIB, 950);
+    let o: DynOrigin = mem_of(&files);
+    let cache = cache_over(&fs.path().join("cache"), o.clone(), 1 << 30).await;
+    // Another program fills the disk: evicting the cache cannot make room.
+    let filler = fs.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; MIB as usize];
+        while f.write_all(&block).is_ok() {}
+    }
+    for (path, data) in &files[..2] {
+        let got = read_all(&cache, &o, path, 256 * 1024).await.unwrap();
+        assert!(&got == data, "wrong bytes for {path} on a full disk");
+    }
+    eventually("the cache turns degraded", || {
+        cache.stats().degraded.is_some()
+    })
+    .await;
+    let why = cache.stats().degraded.unwrap();
+    assert!(why.contains("full"), "{why}");
+
+    std::fs::remove_file(&filler).unwrap();
+    // Reads alone bring the cache back (a probe at most every 5 s).
+    let (path, data) = &files[2];
+    let mut recovered = false;
+    for _ in 0..100 {
+        assert!(&read_all(&cache, &o, path, MIB).await.unwrap() == data);
+        if cache.stats().degraded.is_none() {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        recovered,
+        "the cache did not recover within 10 s of space returning"
+    );
+    assert!(&read_all(&cache, &o, path, MIB).await.unwrap() == data);
+    wait_cached(&cache, path).await;
 }
 
 #[tokio::test]
