@@ -8,10 +8,15 @@
 //! - an index record without a chunk file is dropped, a chunk file without a
 //!   record gets one;
 //! - a manifest that does not decode is dropped;
-//! - a manifest chunk that is absent is re-fetched from the origin by its
-//!   byte range and checked against its name; when that cannot be done (no
-//!   such origin configured, origin down, file changed) the manifest is
-//!   dropped so the file is simply fetched again on its next read.
+//! - a manifest chunk whose file was lost (the index still records it) is
+//!   re-fetched from the origin by its byte range and checked against its
+//!   name; when that cannot be done (no such origin configured, origin down,
+//!   file changed) the manifest is dropped so the file is simply fetched
+//!   again on its next read.
+//!
+//! A manifest chunk with neither a file nor a record was evicted: that is
+//! the cache working as sized, not damage, so it is only counted
+//! ([`VerifyReport::chunks_not_cached`]); the next read fetches it.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -62,6 +67,8 @@ pub struct VerifyReport {
     pub chunks_checked: u64,
     pub bytes_checked: u64,
     pub manifests_checked: u64,
+    /// Chunks that manifests name but eviction removed (not damage).
+    pub chunks_not_cached: u64,
     pub findings: Vec<Finding>,
 }
 
@@ -163,6 +170,11 @@ pub(crate) async fn run(cache: &Cache, repair: bool) -> Result<VerifyReport> {
         }
     }
 
+    let sets = ChunkSets {
+        present,
+        recorded,
+        corrupt,
+    };
     // 3. Manifests: decodable, and every chunk present.
     for entry in index.manifests()? {
         report.manifests_checked += 1;
@@ -188,16 +200,7 @@ pub(crate) async fn run(cache: &Cache, repair: bool) -> Result<VerifyReport> {
                 continue;
             }
         };
-        check_manifest(
-            cache,
-            &key,
-            &manifest,
-            &present,
-            &corrupt,
-            repair,
-            &mut report,
-        )
-        .await?;
+        check_manifest(cache, &key, &manifest, &sets, repair, &mut report).await?;
     }
     if repair {
         store.flush().await?;
@@ -212,8 +215,9 @@ pub(crate) async fn run(cache: &Cache, repair: bool) -> Result<VerifyReport> {
     Ok(report)
 }
 
-/// A chunk file that is corrupt or unreadable: removed when repairing,
-/// else remembered so the manifest check does not report it twice.
+/// A chunk file that is corrupt or unreadable: removed when repairing, and
+/// remembered, so the manifest check re-fetches it (repair) or does not
+/// report it twice.
 async fn bad_chunk(
     store: &crate::ChunkStore,
     id: ChunkId,
@@ -224,9 +228,8 @@ async fn bad_chunk(
 ) -> Result<()> {
     if repair {
         store.remove(id).await?;
-    } else {
-        corrupt.insert(id);
     }
+    corrupt.insert(id);
     report.findings.push(Finding {
         kind: FindingKind::CorruptChunk,
         subject: id.to_hex(),
@@ -237,20 +240,43 @@ async fn bad_chunk(
     Ok(())
 }
 
+/// What steps 1 and 2 learnt about chunks, for the manifest check.
+struct ChunkSets {
+    /// Files on disk that hash to their name.
+    present: HashSet<ChunkId>,
+    /// Chunks the index recorded before this run.
+    recorded: HashSet<ChunkId>,
+    /// Files found corrupt or unreadable (already findings).
+    corrupt: HashSet<ChunkId>,
+}
+
 async fn check_manifest(
     cache: &Cache,
     (origin_id, path): &(OriginId, OriginPath),
     manifest: &Manifest,
-    present: &HashSet<ChunkId>,
-    already_reported: &HashSet<ChunkId>,
+    chunks: &ChunkSets,
     repair: bool,
     report: &mut VerifyReport,
 ) -> Result<()> {
+    let ChunkSets {
+        present,
+        recorded,
+        corrupt,
+    } = chunks;
     let mut start = 0u64;
     let mut missing = Vec::new();
     for c in manifest.chunks() {
-        if !present.contains(&c.id) && !already_reported.contains(&c.id) {
+        if present.contains(&c.id) {
+            // Fine.
+        } else if corrupt.contains(&c.id) {
+            // Already a finding; repair removed it, so fetch it again.
+            if repair {
+                missing.push((start, *c));
+            }
+        } else if recorded.contains(&c.id) {
             missing.push((start, *c));
+        } else {
+            report.chunks_not_cached += 1;
         }
         start += u64::from(c.len);
     }
@@ -330,11 +356,12 @@ impl fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "checked {} chunks ({} bytes) and {} manifests: {} findings",
+            "checked {} chunks ({} bytes) and {} manifests: {} findings ({} chunks evicted, fetched again when read)",
             self.chunks_checked,
             self.bytes_checked,
             self.manifests_checked,
-            self.findings.len()
+            self.findings.len(),
+            self.chunks_not_cached
         )?;
         for x in &self.findings {
             let state = if x.repaired { "repaired" } else { "fix" };

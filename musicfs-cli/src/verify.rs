@@ -49,7 +49,8 @@ pub fn run(cache_dir: PathBuf, repair: bool, json: bool) -> Result<ExitCode> {
             .collect();
         let v = serde_json::json!({
             "chunks_checked": report.chunks_checked, "bytes_checked": report.bytes_checked,
-            "manifests_checked": report.manifests_checked, "clean": report.is_clean(), "findings": findings,
+            "manifests_checked": report.manifests_checked,
+            "chunks_not_cached": report.chunks_not_cached, "clean": report.is_clean(), "findings": findings,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
