@@ -257,7 +257,10 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
             LocalOrigin::new(o.name.clone(), o.location.clone())
                 .with_max_blocking(budget.per_origin),
         );
-        health.add(local.clone());
+        // Reads go through the monitor's watch, so a hung NAS shows as
+        // unhealthy `--health-timeout` after a read starts waiting, not
+        // only at the next periodic probe.
+        let local = health.watch(local);
         let policy = RetryPolicy {
             max_attempts: 2,
             initial_backoff: Duration::from_millis(200),

@@ -13,20 +13,26 @@
 //!   single check (at most the timeout), never the sum.
 //! - Health probes are never retried here or in [`crate::retry`]: a probe
 //!   answers "right now", and the next periodic check is the retry.
+//! - A hang is seen without waiting for the next probe: origins handed out
+//!   by [`HealthMonitor::watch`] report any call still unanswered after the
+//!   monitor's timeout, which marks the origin unhealthy at that moment.
 //! - Times come from tokio's clock (latencies from `tokio::time::Instant`;
 //!   `since`/`last_checked` are wall times derived from it), so they advance
 //!   with paused test time and never jump with wall-clock adjustments.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
+use async_trait::async_trait;
+use bytes::Bytes;
 use futures::future::join_all;
 use parking_lot::RwLock;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::{DynOrigin, OriginError, OriginId};
+use crate::{DirEntry, DynOrigin, EntryMeta, Origin, OriginError, OriginId, OriginPath, Result};
 
 /// What the monitor last concluded about an origin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -129,6 +135,18 @@ impl HealthMonitor {
         self.statuses
             .write()
             .insert(id, OriginHealth::unknown(self.clock.now()));
+    }
+
+    /// Monitors `origin` (as [`add`](Self::add) does) and returns it wrapped
+    /// so that any of its calls still unanswered after the monitor's timeout
+    /// marks it unhealthy right away; the next probe that succeeds marks it
+    /// healthy again. Use the returned origin for reads.
+    pub fn watch(self: &Arc<Self>, origin: DynOrigin) -> DynOrigin {
+        self.add(Arc::clone(&origin));
+        Arc::new(Watched {
+            inner: origin,
+            monitor: Arc::downgrade(self),
+        })
     }
 
     pub fn origins(&self) -> Vec<DynOrigin> {
@@ -259,6 +277,65 @@ impl HealthMonitor {
     }
 }
 
+/// An origin whose calls report a hang to its monitor (see
+/// [`HealthMonitor::watch`]).
+#[derive(Debug)]
+struct Watched {
+    inner: DynOrigin,
+    monitor: Weak<HealthMonitor>,
+}
+
+impl Watched {
+    /// Awaits `call`; if it is still waiting after the monitor's timeout,
+    /// records the origin unhealthy and goes on waiting (the caller's own
+    /// timeout decides when to give up).
+    async fn watched<T>(&self, op: &str, call: impl Future<Output = Result<T>>) -> Result<T> {
+        let Some(timeout) = self.monitor.upgrade().map(|m| m.timeout) else {
+            return call.await;
+        };
+        tokio::pin!(call);
+        tokio::select! {
+            result = &mut call => return result,
+            () = tokio::time::sleep(timeout) => {}
+        }
+        if let Some(monitor) = self.monitor.upgrade() {
+            let error =
+                format!("a {op} call has had no answer for {timeout:?}; the origin may be hung");
+            monitor.record(self.inner.id(), timeout, Some(error));
+        }
+        call.await
+    }
+}
+
+#[async_trait]
+impl Origin for Watched {
+    fn id(&self) -> &OriginId {
+        self.inner.id()
+    }
+
+    async fn list(&self, path: &OriginPath) -> Result<Vec<DirEntry>> {
+        self.watched("list", self.inner.list(path)).await
+    }
+
+    async fn stat(&self, path: &OriginPath) -> Result<EntryMeta> {
+        self.watched("stat", self.inner.stat(path)).await
+    }
+
+    async fn read_range(&self, path: &OriginPath, offset: u64, len: u64) -> Result<Bytes> {
+        self.watched("read", self.inner.read_range(path, offset, len))
+            .await
+    }
+
+    async fn health(&self) -> Result<()> {
+        // Probes have their own timeout and record their own result.
+        self.inner.health().await
+    }
+
+    fn supports_range_reads(&self) -> bool {
+        self.inner.supports_range_reads()
+    }
+}
+
 /// The periodic check loop started by [`HealthMonitor::spawn`]; dropping it
 /// stops the loop.
 #[derive(Debug)]
@@ -343,7 +420,11 @@ mod tests {
             Err(self.unavailable())
         }
         async fn read_range(&self, _: &OriginPath, _: u64, _: u64) -> Result<Bytes> {
-            Err(self.unavailable())
+            let mode = self.mode.lock().clone();
+            match mode {
+                Mode::Hang => std::future::pending().await,
+                _ => Err(self.unavailable()),
+            }
         }
         async fn health(&self) -> Result<()> {
             self.probes.fetch_add(1, Ordering::SeqCst);
@@ -396,6 +477,32 @@ mod tests {
             assert_eq!(state(&monitor, &fake), HealthState::Unhealthy);
         }
         assert_eq!(HealthMonitor::DEFAULT_TIMEOUT, Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_call_marks_a_watched_origin_unhealthy_without_a_probe() {
+        let monitor = Arc::new(HealthMonitor::new(Duration::from_secs(2)));
+        let fake = Fake::new("nas", Mode::Answer(MS));
+        let watched = monitor.watch(dyn_origin(&fake));
+        monitor.check_one(&dyn_origin(&fake)).await;
+        assert_eq!(state(&monitor, &fake), HealthState::Healthy);
+
+        fake.set(Mode::Hang);
+        let path = OriginPath::new("a.flac").unwrap();
+        let read = tokio::spawn(async move { watched.read_range(&path, 0, 10).await });
+        tokio::time::sleep(Duration::from_millis(1990)).await;
+        assert_eq!(state(&monitor, &fake), HealthState::Healthy);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let health = monitor.status(&fake.id).unwrap();
+        assert_eq!(health.state, HealthState::Unhealthy);
+        assert!(health.last_error.unwrap().contains("read call"));
+        assert_eq!(fake.probes(), 1, "no probe was needed");
+        assert!(!read.is_finished(), "the read itself keeps waiting");
+        read.abort();
+
+        fake.set(Mode::Answer(MS));
+        monitor.check_one(&dyn_origin(&fake)).await;
+        assert_eq!(state(&monitor, &fake), HealthState::Healthy);
     }
 
     #[tokio::test(start_paused = true)]
