@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use musicfs_cas::{Cache, CacheConfig};
 use musicfs_fuse::{FsConfig, MusicFs};
@@ -202,6 +202,11 @@ fn check_origin_paths(origins: &[OriginSpec]) -> Result<(), UsageError> {
     Ok(())
 }
 
+/// Below this many fds the daemon's own fixed set (FUSE channels, sled,
+/// tokio, the lock and status socket: about 20) leaves too little to read
+/// with; FUSE itself fails with EMFILE at about 12.
+const MIN_FD_LIMIT: u64 = fds::RESERVED_FDS + 8;
+
 pub fn run(args: MountArgs) -> Result<ExitCode> {
     let mut s = settings(args)?;
     check_origin_paths(&s.origins)?;
@@ -232,6 +237,12 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
     // limit when the hard one allows), so a burst of readers queues on the
     // store's and origins' semaphores instead of meeting EMFILE.
     let fd_limit = fds::raise_soft_limit().unwrap_or(1024);
+    if fd_limit < MIN_FD_LIMIT {
+        bail!(
+            "the open-file limit is {fd_limit}, too low to serve a mount (MusicFS needs at \
+             least {MIN_FD_LIMIT}); raise it with `ulimit -n 1024` or prlimit"
+        );
+    }
     let budget = fds::FdBudget::split(fd_limit, s.origins.len(), LocalOrigin::DEFAULT_MAX_BLOCKING);
     info!(
         fd_limit,

@@ -498,3 +498,27 @@ fn doctor_reports_a_stale_mount_with_its_fix() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("stale FUSE mount"), "{text}");
 }
+
+#[test]
+fn a_too_low_fd_limit_is_refused_with_what_to_do() {
+    let tmp = TempDir::new().unwrap();
+    let (lib, mp) = (tmp.path().join("lib"), tmp.path().join("mnt"));
+    std::fs::create_dir_all(&lib).unwrap();
+    std::fs::create_dir_all(&mp).unwrap();
+    let out = Command::new("prlimit")
+        .arg("--nofile=30:30")
+        .arg(BIN)
+        .arg("mount")
+        .arg(&mp)
+        .arg("--origin")
+        .arg(&lib)
+        .arg("--cache-dir")
+        .arg(tmp.path().join("cache"))
+        .output()
+        .expect("run prlimit (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("open-file limit is 30"), "{stderr}");
+    assert!(stderr.contains("ulimit -n"), "{stderr}");
+    assert!(!is_mounted(&mp));
+}
