@@ -1,0 +1,1 @@
+"""Torture runs for MusicFS; see scripts/torture and common.py."""
