@@ -108,7 +108,16 @@ struct Inner {
     /// The version each file inode was last opened as, for `KEEP_CACHE`.
     opened: Mutex<HashMap<Ino, EntryMeta>>,
     next_fh: AtomicU64,
+    /// Files whose last origin read timed out, and when (see
+    /// [`RETRY_BUDGET`]).
+    timed_out: Mutex<HashMap<Ino, Instant>>,
 }
+
+/// How long a read of a file whose previous read timed out less than
+/// `read_timeout` ago may wait for the origin. After a failed readahead the
+/// kernel retries the first page on its own; without this, a buffered read
+/// from a hung origin would report EIO only after twice the read timeout.
+const RETRY_BUDGET: Duration = Duration::from_millis(250);
 
 #[derive(Debug)]
 struct OpenFile {
@@ -363,6 +372,21 @@ impl Inner {
     /// After a read found the file changed on the origin: refresh its
     /// directory now rather than when the listing expires, so the next open
     /// sees the new version instead of failing again.
+    /// How long a read of `ino` may wait: the read timeout, or only
+    /// [`RETRY_BUDGET`] right after one of its reads timed out.
+    fn read_budget(&self, ino: Ino) -> Duration {
+        let timeout = self.config.read_timeout;
+        let mut timed_out = self.timed_out.lock();
+        match timed_out.get(&ino) {
+            Some(at) if at.elapsed() < timeout => timeout.min(RETRY_BUDGET),
+            Some(_) => {
+                timed_out.remove(&ino);
+                timeout
+            }
+            None => timeout,
+        }
+    }
+
     fn file_changed(self: &Arc<Self>, ino: Ino) {
         if let Some(Node::Entry(key)) = self.inodes.node(ino) {
             if let Some(parent) = key.path.parent() {
@@ -500,6 +524,7 @@ impl MusicFs {
                 dirs: Mutex::new(HashMap::new()),
                 opened: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
+                timed_out: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -724,14 +749,17 @@ impl Filesystem for MusicFs {
             reply.error(Errno::EBADF);
             return;
         };
-        let timeout = self.inner.config.read_timeout;
         let ino = Ino::from(ino);
+        let timeout = self.inner.read_budget(ino);
         let inner = Arc::clone(&self.inner);
         // Every read is its own task: one stuck on a hung origin holds no
         // FUSE thread and delays no other read.
         self.inner.rt.spawn(async move {
             match tokio::time::timeout(timeout, handle.read(offset, u64::from(size))).await {
-                Ok(Ok(data)) => reply.data(&data),
+                Ok(Ok(data)) => {
+                    inner.timed_out.lock().remove(&ino);
+                    reply.data(&data)
+                }
                 Ok(Err(e)) => {
                     warn!(%ino, offset, size, path = %handle.path(), error = %e, "read failed");
                     if matches!(e, CasError::OriginChanged { .. }) {
@@ -741,6 +769,7 @@ impl Filesystem for MusicFs {
                 }
                 Err(_) => {
                     warn!(%ino, offset, size, path = %handle.path(), ?timeout, "read timed out; the origin may be hung");
+                    inner.timed_out.lock().insert(ino, Instant::now());
                     reply.error(Errno::EIO);
                 }
             }
