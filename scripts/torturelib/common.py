@@ -31,9 +31,22 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MAKE_LIBRARY = os.environ.get(
-    "MUSICFS_MAKE_LIBRARY", os.path.join(os.path.dirname(REPO), "shared", "corpus", "make-library")
-)
+
+
+def _find_make_library():
+    """$MUSICFS_MAKE_LIBRARY, else ../shared/corpus/make-library beside the
+    checkout, else the machine's /work/shared copy (a clone elsewhere, as CI
+    makes, has no ../shared) -- the same search as musicfs-test-utils."""
+    env = os.environ.get("MUSICFS_MAKE_LIBRARY")
+    if env:
+        return env
+    beside = os.path.join(os.path.dirname(REPO), "shared", "corpus", "make-library")
+    if os.path.exists(beside):
+        return beside
+    return "/work/shared/corpus/make-library"
+
+
+MAKE_LIBRARY = _find_make_library()
 LOG_ROOT = os.path.join(tempfile.gettempdir(), "musicfs-torture-logs")
 MIB = 1 << 20
 
