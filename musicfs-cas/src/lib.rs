@@ -13,11 +13,14 @@
 //!   version, ingests them sequentially in the background as they are read,
 //!   serves reads from chunks, the ingest buffer or the origin directly, and
 //!   re-fetches damaged chunks by their byte range.
+//! - `tree`: checks part of a chunk against the chunk's BLAKE3 hash tree,
+//!   so a small read of a cached chunk needs not hash all of it.
 //! - [`verify`]: the offline check and repair behind `musicfs verify`.
 //!
 //! The invariant everything rests on: a chunk's bytes are only ever served
-//! after hashing to the chunk's name, so no crash, bad disk or stray write
-//! can make MusicFS serve wrong cached bytes; at worst it fetches them again.
+//! after hashing to the chunk's name (whole, or as part of its BLAKE3 tree
+//! whose root is the name), so no crash, bad disk or stray write can make
+//! MusicFS serve wrong cached bytes; at worst it fetches them again.
 
 pub mod cache;
 pub mod chunk;
@@ -26,6 +29,7 @@ pub mod index;
 pub mod listing;
 pub mod manifest;
 pub mod store;
+mod tree;
 pub mod verify;
 
 pub use cache::{Cache, CacheConfig, CacheStats, FileHandle};

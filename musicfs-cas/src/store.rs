@@ -731,6 +731,72 @@ impl ChunkStore {
     }
 }
 
+impl ChunkStore {
+    /// Up to `len` bytes at `offset` of the chunk file `id` (fewer at its
+    /// end), NOT verified. Only for the cache's tree-checked reads
+    /// (`crate::tree`), which check the bytes against the chunk's hash tree
+    /// or name before serving them and go through [`ChunkStore::get`]
+    /// (which handles damaged and missing chunks) when they do not match.
+    /// Counts as an access for eviction, and as an open file for the fd
+    /// budget.
+    pub(crate) async fn read_unverified(
+        &self,
+        id: ChunkId,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>> {
+        let inner = self.inner.clone();
+        let permit = self.acquire_io().await?;
+        blocking(move || {
+            let _permit = permit;
+            inner.read_range_sync(&id, offset, len)
+        })
+        .await
+    }
+
+    /// [`ChunkStore::read_unverified`] on the calling thread, for callers
+    /// that are not async (the filesystem's fast path for cached reads).
+    /// Never waits for the fd budget: with no file to spare it fails, and
+    /// the caller takes the async path, which queues.
+    pub(crate) fn read_unverified_now(
+        &self,
+        id: ChunkId,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>> {
+        let _permit =
+            self.inner
+                .io
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| CasError::TooManyOpenFiles {
+                    path: self.inner.chunks_dir.clone(),
+                })?;
+        self.inner.read_range_sync(&id, offset, len)
+    }
+}
+
+impl Inner {
+    fn read_range_sync(&self, id: &ChunkId, offset: u64, len: usize) -> Result<Vec<u8>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let path = self.chunk_path(id);
+        let mut buf = Vec::with_capacity(len);
+        fs::File::open(&path)
+            .and_then(|mut f| {
+                f.seek(SeekFrom::Start(offset))?;
+                f.take(len as u64).read_to_end(&mut buf)
+            })
+            .map_err(|e| CasError::io(&path, e))?;
+        self.counters.gets.fetch_add(1, Ordering::Relaxed);
+        let mut t = self.table.lock();
+        if let Some(e) = t.entries.get_mut(id) {
+            e.atime_ns = now_ns();
+            t.dirty.insert(*id);
+        }
+        Ok(buf)
+    }
+}
+
 /// Removes every file in `dir` (temp files left by a crash); returns how many.
 fn clean_dir(dir: &Path) -> u64 {
     let Ok(rd) = fs::read_dir(dir) else { return 0 };

@@ -207,7 +207,24 @@ fn check_origin_paths(origins: &[OriginSpec]) -> Result<(), UsageError> {
 /// with; FUSE itself fails with EMFILE at about 12.
 const MIN_FD_LIMIT: u64 = fds::RESERVED_FDS + 8;
 
+/// glibc gives each thread that allocates under contention an arena of its
+/// own (up to 8 per core) and keeps whatever each arena ever held. The MiB
+/// buffers of a cold read are allocated and freed across the FUSE, runtime
+/// and blocking threads, so they pile up in a dozen arenas: about 100 MB of
+/// RSS for one full-speed cold read, most of it kept afterwards. Two arenas
+/// serve the same work at no measurable cost (`scripts/bench`,
+/// docs/benchmarks.md).
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter and takes no pointers;
+    // it runs before the mount starts any thread.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 pub fn run(args: MountArgs) -> Result<ExitCode> {
+    limit_malloc_arenas();
     let mut s = settings(args)?;
     check_origin_paths(&s.origins)?;
     // Absolute paths, so the cache dir's record means the same thing to
@@ -364,6 +381,10 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
                 .arg(&mountpoint)
                 .status();
         }
+    }
+    // A track read to its end may still have its last chunks in memory.
+    if !rt.block_on(cache.wait_for_ingests(Duration::from_secs(2))) {
+        warn!("stopping with an ingest still running; its file is read again when next played");
     }
     match rt.block_on(async { tokio::time::timeout(Duration::from_secs(3), cache.flush()).await }) {
         Ok(Ok(())) => {}

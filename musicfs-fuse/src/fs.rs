@@ -5,10 +5,12 @@
 //!
 //! Invariants:
 //! - A FUSE worker thread never waits on an origin. A request that can be
-//!   answered from memory or the index is answered on the worker thread;
-//!   one that needs the origin (a listing never fetched) or the cache's
-//!   read path runs as a task on the tokio runtime and replies from there,
-//!   bounded by `read_timeout`. fuser replies are `Send`, and a reply that
+//!   answered from memory, the index or the cache disk is answered on the
+//!   worker thread (a read of a fully cached file whose verified chunks are
+//!   at hand, see `FileHandle::read_cached_blocking`); one that needs the
+//!   origin (a listing never fetched) or the rest of the cache's read path
+//!   runs as a task on the tokio runtime and replies from there, bounded by
+//!   `read_timeout`. fuser replies are `Send`, and a reply that
 //!   is dropped unsent (a task cancelled at shutdown) answers `EIO`, so no
 //!   request is left hanging in the kernel.
 //! - Metadata comes from [`Listing`]s stored per directory in the index.
@@ -30,7 +32,7 @@ use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
 use std::fmt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -70,6 +72,11 @@ const CLOCK_SKEW: Duration = Duration::from_secs(60);
 /// live on filesystems with this limit.
 const NAME_MAX: u32 = 255;
 
+/// How long after the last open file closes the memory freed by its reads
+/// is handed back to the kernel (the ingest may still be storing its last
+/// chunks for a moment).
+const TRIM_AFTER: Duration = Duration::from_secs(2);
+
 /// The MusicFS filesystem; hand it to [`crate::mount`].
 pub struct MusicFs {
     inner: Arc<Inner>,
@@ -108,6 +115,8 @@ struct Inner {
     /// The version each file inode was last opened as, for `KEEP_CACHE`.
     opened: Mutex<HashMap<Ino, EntryMeta>>,
     next_fh: AtomicU64,
+    /// A hand-back of freed memory is pending (see [`TRIM_AFTER`]).
+    trim_pending: AtomicBool,
     /// Files whose last origin read timed out, and when (see
     /// [`RETRY_BUDGET`]).
     timed_out: Mutex<HashMap<Ino, Instant>>,
@@ -372,6 +381,26 @@ impl Inner {
     /// After a read found the file changed on the origin: refresh its
     /// directory now rather than when the listing expires, so the next open
     /// sees the new version instead of failing again.
+    fn file_changed(self: &Arc<Self>, ino: Ino) {
+        if let Some(Node::Entry(key)) = self.inodes.node(ino) {
+            if let Some(parent) = key.path.parent() {
+                self.refresh_in_background(&NodeKey {
+                    origin: key.origin,
+                    path: parent,
+                });
+            }
+        }
+    }
+
+    fn next_fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Once no file is open (checked again after [`TRIM_AFTER`]), hands the
+    /// memory freed by reads back to the kernel. A full-speed cold read
+    /// buffers several MiB per file, in buffers allocated and freed on many
+    /// threads; glibc keeps such memory in per-thread arenas, so without
+    /// this the daemon would stay at its peak size after a burst.
     /// How long a read of `ino` may wait: the read timeout, or only
     /// [`RETRY_BUDGET`] right after one of its reads timed out.
     fn read_budget(&self, ino: Ino) -> Duration {
@@ -387,19 +416,18 @@ impl Inner {
         }
     }
 
-    fn file_changed(self: &Arc<Self>, ino: Ino) {
-        if let Some(Node::Entry(key)) = self.inodes.node(ino) {
-            if let Some(parent) = key.path.parent() {
-                self.refresh_in_background(&NodeKey {
-                    origin: key.origin,
-                    path: parent,
-                });
-            }
+    fn trim_when_idle(self: &Arc<Self>) {
+        if self.trim_pending.swap(true, Ordering::AcqRel) {
+            return;
         }
-    }
-
-    fn next_fh(&self) -> u64 {
-        self.next_fh.fetch_add(1, Ordering::Relaxed)
+        let inner = Arc::clone(self);
+        self.rt.spawn(async move {
+            tokio::time::sleep(TRIM_AFTER).await;
+            inner.trim_pending.store(false, Ordering::Release);
+            if inner.files.lock().is_empty() {
+                let _ = tokio::task::spawn_blocking(release_freed_memory).await;
+            }
+        });
     }
 
     /// Records that `ino` is opened as `meta`; true when the previous open
@@ -524,6 +552,7 @@ impl MusicFs {
                 dirs: Mutex::new(HashMap::new()),
                 opened: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
+                trim_pending: AtomicBool::new(false),
                 timed_out: Mutex::new(HashMap::new()),
             }),
         }
@@ -749,6 +778,14 @@ impl Filesystem for MusicFs {
             reply.error(Errno::EBADF);
             return;
         };
+        // A fully cached file is answered right here when its verified
+        // chunks are at hand (in memory or on the cache disk): no origin is
+        // involved, and the hand-off to the runtime and back would cost
+        // more than the read itself.
+        if let Some(data) = handle.read_cached_blocking(offset, u64::from(size)) {
+            reply.data(&data);
+            return;
+        }
         let ino = Ino::from(ino);
         let timeout = self.inner.read_budget(ino);
         let inner = Arc::clone(&self.inner);
@@ -798,6 +835,9 @@ impl Filesystem for MusicFs {
         // ingest.
         drop(file);
         reply.ok();
+        if self.inner.files.lock().is_empty() {
+            self.inner.trim_when_idle();
+        }
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: Fh, _datasync: bool, reply: ReplyEmpty) {
@@ -1108,6 +1148,17 @@ impl Filesystem for MusicFs {
         reply: ReplyWrite,
     ) {
         reply.error(Errno::EROFS);
+    }
+}
+
+/// Returns the allocator's free memory to the kernel (glibc only; other
+/// allocators return it by themselves or not at all).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointers from us, only walks glibc's own
+    // free lists under its locks, and may be called from any thread.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

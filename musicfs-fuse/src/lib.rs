@@ -12,11 +12,13 @@
 //! Invariants:
 //! - Nothing is ever written: every write-like operation is `EROFS`, files
 //!   open read-only only, and the mount itself is `ro`.
-//! - No kernel request waits on an origin on a FUSE thread. Reads, and any
-//!   metadata request that must ask the origin, run as tokio tasks that reply
-//!   when done, each bounded by [`FsConfig::read_timeout`] (`EIO` when it
-//!   expires). A read of a cached file never queues behind a read stuck on a
-//!   hung origin.
+//! - No kernel request waits on an origin on a FUSE thread. Reads that need
+//!   more than the verified chunks of a fully cached file, and any metadata
+//!   request that must ask the origin, run as tokio tasks that reply when
+//!   done, each bounded by [`FsConfig::read_timeout`] (`EIO` when it
+//!   expires); reads of fully cached files are answered on the FUSE thread
+//!   from the cache disk. A read of a cached file never queues behind a read
+//!   stuck on a hung origin.
 //! - Metadata comes from the listings stored in the cache index, so a library
 //!   browses offline; a listing older than [`FsConfig::listing_ttl`] is
 //!   refreshed in the background while the old one keeps serving.

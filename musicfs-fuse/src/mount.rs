@@ -12,6 +12,10 @@
 //!   says so instead of waiting for the files to close.
 //! - Dropping a [`Mounted`] unmounts it too (without waiting), so a panic
 //!   in the caller does not leave a dead mount behind.
+//! - [`mount`] returns once the kernel has finished the FUSE handshake (it
+//!   waits for one `getattr` of the root), and then raises the mount's
+//!   read-ahead (best effort: it needs root) so the kernel sends reads of up
+//!   to 1 MiB, several in flight, instead of 128 KiB ones.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -20,7 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use fuser::{MountOption, SessionUnmounter};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{FuseError, MusicFs, Result};
 
@@ -31,6 +35,16 @@ const FUSE_THREADS: usize = 4;
 /// How long an unmount waits for the session thread to end once the kernel
 /// side is gone.
 const SESSION_END_WAIT: Duration = Duration::from_secs(10);
+
+/// The read-ahead window of the mount, in KiB. The kernel's default for a
+/// FUSE mount is 128 KiB, which caps every read request at 128 KiB (each one
+/// a round trip through this process) and keeps one in flight. fuser
+/// already negotiates requests of up to `fs.fuse.max_pages_limit` pages
+/// (1 MiB by default); a window of several MiB lets the kernel send them,
+/// and keep a few in flight while the player consumes the previous ones.
+/// Players read sequentially, and the cache's own read-ahead (16 MiB) is
+/// larger still, so this costs no extra origin traffic.
+const READ_AHEAD_KB: u32 = 4096;
 
 /// A mounted MusicFS. Unmount it with [`Mounted::unmount`]; dropping it
 /// unmounts too, without waiting for the session to end.
@@ -79,12 +93,46 @@ pub fn mount(fs: MusicFs, mountpoint: &Path) -> Result<Mounted> {
         .name("musicfs-fuse".to_owned())
         .spawn(move || session.run())
         .map_err(mount_error)?;
-    info!(mountpoint = %mountpoint.display(), "mounted");
-    Ok(Mounted {
+    let mounted = Mounted {
         mountpoint: mountpoint.to_path_buf(),
         thread: Some(thread),
         unmounter,
-    })
+    };
+    raise_read_ahead(mountpoint);
+    info!(mountpoint = %mountpoint.display(), "mounted");
+    Ok(mounted)
+}
+
+/// Sets the mount's read-ahead to [`READ_AHEAD_KB`] through sysfs
+/// (`/sys/class/bdi/<major>:<minor>/read_ahead_kb` of the mount's device).
+///
+/// It must happen after the handshake: the kernel applies the handshake's
+/// `max_readahead` to the same setting, so an earlier write would be undone.
+/// The `stat` of the root waits for exactly that, since the kernel holds
+/// every request until the handshake is done. Failing here (not root, no
+/// sysfs) only costs speed, so it is logged, not returned.
+fn raise_read_ahead(mountpoint: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let dev = match std::fs::metadata(mountpoint) {
+        Ok(meta) => meta.dev(),
+        Err(e) => {
+            warn!(mountpoint = %mountpoint.display(), error = %e, "cannot stat the new mount");
+            return;
+        }
+    };
+    let knob = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    match std::fs::write(&knob, READ_AHEAD_KB.to_string()) {
+        Ok(()) => debug!(%knob, kb = READ_AHEAD_KB, "raised the mount's read-ahead"),
+        Err(e) => info!(
+            %knob,
+            error = %e,
+            "cannot raise the mount's read-ahead (needs root); reads arrive in 128 KiB requests"
+        ),
+    }
 }
 
 impl Mounted {
