@@ -196,6 +196,9 @@ struct FileState {
     want_until: u64,
     /// End of the furthest read that continued the stream.
     read_end: u64,
+    /// End of the reads waiting for the very next bytes of the ingest: its
+    /// next origin read covers them, so they cost one round trip.
+    need_end: u64,
     ingest: Ingest,
     /// The origin no longer has this version: never persist or extend the
     /// manifest again.
@@ -364,6 +367,7 @@ impl Cache {
                 tail: BytesMut::new(),
                 want_until: 0,
                 read_end: 0,
+                need_end: 0,
                 ingest,
                 stale: false,
             }),
@@ -553,6 +557,9 @@ impl FileHandle {
             && pos <= buffered_end.saturating_add(STREAM_WINDOW)
             && matches!(st.ingest, Ingest::Running)
         {
+            if pos <= buffered_end {
+                st.need_end = st.need_end.max(end);
+            }
             let mut rx = self.file.progress.subscribe();
             rx.borrow_and_update();
             return Step::Wait(rx);
@@ -1068,10 +1075,11 @@ async fn run_ingest(weak: Weak<OpenFile>, cache: Arc<CacheInner>) {
                 // buffer), or there is nothing else to do.
                 IngestStep::Land
             } else if !st.stale && !eof && buffered_end < st.want_until {
-                // At least what the furthest reader asked for (up to the
-                // largest block), so a first read costs one origin round
-                // trip.
-                let asked = st.read_end.saturating_sub(buffered_end).min(MAX_BLOCK);
+                // At least what the reads waiting for the next bytes asked
+                // for (up to the largest block), so a first read costs one
+                // origin round trip; not what read-ahead further out asked
+                // for, which would only delay the first bytes.
+                let asked = st.need_end.saturating_sub(buffered_end).min(MAX_BLOCK);
                 IngestStep::Read(buffered_end, block.max(asked).min(size - buffered_end))
             } else if eof && st.tail.is_empty() && st.cut.is_empty() {
                 st.ingest = Ingest::Done;

@@ -15,7 +15,7 @@
 //! - [`mount`] returns once the kernel has finished the FUSE handshake (it
 //!   waits for one `getattr` of the root), and then raises the mount's
 //!   read-ahead (best effort: it needs root) so the kernel sends reads of up
-//!   to 1 MiB, several in flight, instead of 128 KiB ones.
+//!   to 1 MiB instead of 128 KiB ones.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -38,13 +38,13 @@ const SESSION_END_WAIT: Duration = Duration::from_secs(10);
 
 /// The read-ahead window of the mount, in KiB. The kernel's default for a
 /// FUSE mount is 128 KiB, which caps every read request at 128 KiB (each one
-/// a round trip through this process) and keeps one in flight. fuser
-/// already negotiates requests of up to `fs.fuse.max_pages_limit` pages
-/// (1 MiB by default); a window of several MiB lets the kernel send them,
-/// and keep a few in flight while the player consumes the previous ones.
-/// Players read sequentially, and the cache's own read-ahead (16 MiB) is
-/// larger still, so this costs no extra origin traffic.
-const READ_AHEAD_KB: u32 = 4096;
+/// a round trip through this process). fuser already negotiates requests of
+/// up to `fs.fuse.max_pages_limit` pages (1 MiB by default); a 1 MiB window
+/// lets the kernel send them, with the next one in flight while the player
+/// consumes the last. A larger window measured no faster here
+/// (docs/benchmarks.md) but makes the first request of a cold file 256 KiB
+/// instead of 128 KiB, and the first bytes wait for all of it.
+const READ_AHEAD_KB: u32 = 1024;
 
 /// A mounted MusicFS. Unmount it with [`Mounted::unmount`]; dropping it
 /// unmounts too, without waiting for the session to end.
