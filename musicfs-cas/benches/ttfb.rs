@@ -138,9 +138,10 @@ fn main() {
             let mut rtt = Vec::new();
             let mut f64k = Vec::new();
             let mut f128k = Vec::new();
+            let version = origin.stat(&path).await.unwrap().version();
             for _ in 0..runs {
                 let start = Instant::now();
-                let got = origin.read_range(&path, 0, FIRST).await.unwrap();
+                let got = origin.read_range(&path, &version, 0, FIRST).await.unwrap();
                 rtt.push(ms(start.elapsed()));
                 assert_eq!(got.len() as u64, FIRST);
                 f64k.push(cold_first_read(&origin, &path, &data, FIRST).await);

@@ -40,7 +40,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use musicfs_origins::{DynOrigin, EntryMeta, OriginId, OriginPath};
+use musicfs_origins::{DynOrigin, EntryMeta, OriginError, OriginId, OriginPath};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -140,6 +140,8 @@ struct Counters {
     origin_bytes: AtomicU64,
     ingested_bytes: AtomicU64,
     refetched: AtomicU64,
+    refetched_evicted: AtomicU64,
+    refetched_corrupt: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -476,21 +478,25 @@ impl FileHandle {
                     for (start, chunk) in chunks {
                         let from = (pos - start) as usize;
                         let to = (end.min(start + u64::from(chunk.len)) - start) as usize;
-                        let piece = self.chunk_piece(start, chunk, from, to).await?;
+                        let (piece, fetched) = self.chunk_piece(start, chunk, from, to).await?;
                         out.extend_from_slice(&piece);
                         pos = start + to as u64;
-                        self.cache
-                            .counters
-                            .hit_bytes
-                            .fetch_add((to - from) as u64, Ordering::Relaxed);
+                        let served = if fetched {
+                            &self.cache.counters.origin_bytes
+                        } else {
+                            &self.cache.counters.hit_bytes
+                        };
+                        served.fetch_add((to - from) as u64, Ordering::Relaxed);
                     }
                 }
                 Step::Buffered(bytes) if out.is_empty() && pos + bytes.len() as u64 == end => {
                     // The whole read came from the ingest buffer (a cold
                     // read keeping up with the ingest): no second copy.
+                    // Those bytes were read from the origin for this
+                    // stream, so they are no hit.
                     self.cache
                         .counters
-                        .hit_bytes
+                        .origin_bytes
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     return Ok(bytes);
                 }
@@ -498,7 +504,7 @@ impl FileHandle {
                     pos += bytes.len() as u64;
                     self.cache
                         .counters
-                        .hit_bytes
+                        .origin_bytes
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     out.extend_from_slice(&bytes);
                 }
@@ -508,10 +514,18 @@ impl FileHandle {
                     let _ = rx.changed().await;
                 }
                 Step::Direct(upto) => {
-                    let data = self
+                    let read = self
                         .cache
-                        .origin_read(&self.file.origin, &self.file.path, size, pos, upto - pos)
-                        .await?;
+                        .origin_read(
+                            &self.file.origin,
+                            &self.file.path,
+                            &self.file.version,
+                            pos,
+                            upto - pos,
+                        )
+                        .await;
+                    self.file.stale_on_change(&self.cache, &read);
+                    let data = read?;
                     self.cache
                         .counters
                         .origin_bytes
@@ -602,21 +616,22 @@ impl FileHandle {
     /// Bytes `[from, to)` of a cached chunk that starts at `start` in the
     /// file, verified: from the file's recent chunks, else (a small piece of
     /// a chunk whose tree is known) a range read checked against the tree,
-    /// else a whole-chunk read, which is kept in the recent chunks.
+    /// else a whole-chunk read, which is kept in the recent chunks. True
+    /// beside the bytes when they had to come from the origin.
     async fn chunk_piece(
         &self,
         start: u64,
         chunk: ChunkRef,
         from: usize,
         to: usize,
-    ) -> Result<Bytes> {
+    ) -> Result<(Bytes, bool)> {
         let slot = match self.recent_or_tree(chunk, from, to) {
             Source::Recent(slot) => Some(slot),
             Source::Tree(tree) => {
                 let (a, b) = tree.aligned(from, to);
                 let read = self.cache.store.read_unverified(chunk.id, a as u64, b - a);
                 if let Some(piece) = self.checked_piece(&tree, from, to, read.await) {
-                    return Ok(piece);
+                    return Ok((piece, false));
                 }
                 // The range did not check: the whole-chunk path finds out
                 // what is wrong with the chunk and repairs it.
@@ -624,14 +639,14 @@ impl FileHandle {
             }
         };
         let held = slot.as_ref().and_then(|s| s.lock().clone());
-        let whole = match held {
-            Some(whole) => whole,
+        let (whole, fetched) = match held {
+            Some(whole) => (whole, false),
             None => {
-                let whole = self.whole_chunk(start, chunk).await?;
+                let (whole, fetched) = self.whole_chunk(start, chunk).await?;
                 if let Some(slot) = slot {
                     *slot.lock() = Some(whole.clone());
                 }
-                whole
+                (whole, fetched)
             }
         };
         if whole.len() < to {
@@ -642,7 +657,7 @@ impl FileHandle {
                 actual: ChunkId::of(&whole),
             });
         }
-        Ok(whole.slice(from..to))
+        Ok((whole.slice(from..to), fetched))
     }
 
     /// Where a piece of a chunk comes from: the file's recent chunks (a
@@ -780,14 +795,14 @@ impl FileHandle {
     /// (which is kept for later range reads). Anything amiss (missing,
     /// damaged, unreadable, a failing disk) goes to [`Self::chunk_bytes`],
     /// which removes and re-fetches or reads through.
-    async fn whole_chunk(&self, start: u64, chunk: ChunkRef) -> Result<Bytes> {
+    async fn whole_chunk(&self, start: u64, chunk: ChunkRef) -> Result<(Bytes, bool)> {
         let len = chunk.len as usize;
         // One byte more than the chunk: a longer file is damaged too.
         if let Ok(data) = self.cache.store.read_unverified(chunk.id, 0, len + 1).await {
             if data.len() == len {
                 if let Some(tree) = ChunkTree::build(chunk.id, &data) {
                     self.cache.trees.lock().put(Arc::new(tree));
-                    return Ok(Bytes::from(data));
+                    return Ok((Bytes::from(data), false));
                 }
             }
         }
@@ -796,12 +811,25 @@ impl FileHandle {
     }
 
     /// A verified chunk, re-fetched from the origin when the cached copy is
-    /// damaged or gone, or read through when the cache disk fails.
-    async fn chunk_bytes(&self, start: u64, chunk: ChunkRef) -> Result<Bytes> {
+    /// damaged or gone, or read through when the cache disk fails; true
+    /// beside the bytes when they came from the origin.
+    ///
+    /// A chunk the store no longer knows was evicted: fetching it again is
+    /// ordinary work (debug). A chunk it knew that turns out missing or
+    /// damaged is damage to the cache disk (WARN).
+    async fn chunk_bytes(&self, start: u64, chunk: ChunkRef) -> Result<(Bytes, bool)> {
+        let known = self.cache.store.contains(&chunk.id);
         match self.cache.store.get(chunk.id).await {
-            Ok(b) => Ok(b),
+            Ok(b) => Ok((b, false)),
             Err(e) if e.is_refetchable() => {
-                warn!(chunk = %chunk.id, path = %self.file.path, error = %e, "re-fetching chunk from the origin");
+                let counters = &self.cache.counters;
+                if !known && matches!(e, CasError::ChunkMissing { .. }) {
+                    debug!(chunk = %chunk.id, path = %self.file.path, "chunk was evicted; fetching it again");
+                    counters.refetched_evicted.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    warn!(chunk = %chunk.id, path = %self.file.path, error = %e, "cached chunk is damaged; re-fetching it from the origin");
+                    counters.refetched_corrupt.fetch_add(1, Ordering::Relaxed);
+                }
                 let r = self
                     .cache
                     .refetch_chunk(
@@ -812,8 +840,8 @@ impl FileHandle {
                         chunk,
                     )
                     .await;
-                self.mark_stale_on_change(&r);
-                r
+                self.file.stale_on_change(&self.cache, &r);
+                r.map(|b| (b, true))
             }
             Err(
                 e @ (CasError::Io { .. }
@@ -821,45 +849,70 @@ impl FileHandle {
                 | CasError::CacheUnavailable { .. }),
             ) => {
                 debug!(chunk = %chunk.id, error = %e, "cache read failed; reading the chunk from the origin");
-                let data = self
+                let read = self
                     .cache
                     .origin_read(
                         &self.file.origin,
                         &self.file.path,
-                        self.file.version.size,
+                        &self.file.version,
                         start,
                         u64::from(chunk.len),
                     )
-                    .await?;
-                let checked = self
-                    .cache
-                    .check_chunk(&self.file.origin, &self.file.path, chunk, &data)
-                    .map(|()| data);
-                self.mark_stale_on_change(&checked);
-                checked
+                    .await;
+                let checked = read.and_then(|data| {
+                    self.cache
+                        .check_chunk(
+                            &self.file.origin,
+                            &self.file.path,
+                            &self.file.version,
+                            chunk,
+                            &data,
+                        )
+                        .map(|()| data)
+                });
+                self.file.stale_on_change(&self.cache, &checked);
+                checked.map(|b| (b, true))
             }
             Err(e) => Err(e),
         }
     }
+}
 
-    /// After the origin showed other bytes than the manifest's, this open
-    /// file must neither serve nor persist the old manifest again.
-    fn mark_stale_on_change<T>(&self, r: &Result<T>) {
-        if let Err(CasError::OriginChanged { .. }) = r {
-            let mut st = self.file.state.lock();
-            st.stale = true;
-            st.manifest = Manifest::new(self.file.version.clone());
-            st.cut.clear();
-            st.cut_len = 0;
-            st.tail.clear();
-            drop(st);
-            let _ = self
-                .cache
-                .store
-                .index()
-                .remove_manifest(self.file.origin.id(), &self.file.path);
-            self.file.progress.send_modify(|v| *v += 1);
+impl OpenFile {
+    /// After the origin showed that it no longer has this version (a
+    /// change caught by the origin's version check, or a chunk that no
+    /// longer hashes to its name), this open file neither serves, extends
+    /// nor persists its manifest again: every later read of it goes to the
+    /// origin, which refuses the old version, so the handle ends with
+    /// [`CasError::OriginChanged`] instead of stitching new bytes onto old
+    /// ones. The stored manifest of this version is dropped too.
+    fn stale_on_change<T>(&self, cache: &CacheInner, r: &Result<T>) {
+        if let Err(CasError::OriginChanged { reason, .. }) = r {
+            self.go_stale(cache, reason);
         }
+    }
+
+    fn go_stale(&self, cache: &CacheInner, reason: &str) {
+        let mut st = self.state.lock();
+        let first = !st.stale;
+        st.stale = true;
+        st.manifest = Manifest::new(self.version.clone());
+        st.cut.clear();
+        st.cut_len = 0;
+        st.tail.clear();
+        drop(st);
+        self.recent.lock().clear();
+        cache.drop_manifest(self.origin.id(), &self.path, &self.version);
+        if first {
+            info!(origin = %self.origin.id(), path = %self.path, reason, "file changed on the origin while open; its readers get an error, new opens read the new version");
+        }
+        self.progress.send_modify(|v| *v += 1);
+    }
+}
+
+impl Drop for OpenFile {
+    fn drop(&mut self) {
+        self.origin.release(&self.path, &self.version);
     }
 }
 
@@ -882,29 +935,52 @@ enum Step {
 }
 
 impl CacheInner {
+    /// Drops the stored manifest of `path` if it belongs to `version`: a
+    /// newer version's manifest (written by a later open) stays.
+    fn drop_manifest(&self, origin: &OriginId, path: &OriginPath, version: &FileVersion) {
+        let index = self.store.index();
+        if let Ok(Some(m)) = index.manifest(origin, path) {
+            if m.version == *version {
+                let _ = index.remove_manifest(origin, path);
+            }
+        }
+    }
+
     /// One bounded origin read that must return exactly the bytes asked for
     /// (clipped to the file's size): anything shorter means the file changed.
     async fn origin_read(
         &self,
         origin: &DynOrigin,
         path: &OriginPath,
-        size: u64,
+        version: &FileVersion,
         offset: u64,
         len: u64,
     ) -> Result<Bytes> {
-        let expect = len.min(size.saturating_sub(offset));
+        let expect = len.min(version.size.saturating_sub(offset));
         let timeout = self.config.origin_timeout;
-        let data =
-            match tokio::time::timeout(timeout, origin.read_range(path, offset, expect)).await {
-                Ok(r) => r?,
-                Err(_) => {
-                    return Err(CasError::OriginTimeout {
-                        origin: origin.id().clone(),
-                        path: path.to_string(),
-                        timeout,
-                    })
-                }
-            };
+        let read = origin.read_range(path, version, offset, expect);
+        let data = match tokio::time::timeout(timeout, read).await {
+            Ok(Ok(data)) => data,
+            Ok(Err(OriginError::Changed {
+                origin,
+                path,
+                reason,
+            })) => {
+                return Err(CasError::OriginChanged {
+                    origin,
+                    path,
+                    reason,
+                })
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {
+                return Err(CasError::OriginTimeout {
+                    origin: origin.id().clone(),
+                    path: path.to_string(),
+                    timeout,
+                })
+            }
+        };
         if data.len() as u64 != expect {
             return Err(CasError::OriginChanged {
                 origin: origin.id().clone(),
@@ -919,6 +995,7 @@ impl CacheInner {
         &self,
         origin: &DynOrigin,
         path: &OriginPath,
+        version: &FileVersion,
         chunk: ChunkRef,
         data: &[u8],
     ) -> Result<()> {
@@ -926,9 +1003,10 @@ impl CacheInner {
         if actual == chunk.id {
             return Ok(());
         }
-        // The origin now has other bytes where the chunk was: the cached
-        // manifest describes a version that is gone.
-        let _ = self.store.index().remove_manifest(origin.id(), path);
+        // The origin now has other bytes where the chunk was, under the
+        // same version (a change that kept size and mtime): the cached
+        // manifest describes bytes that are gone.
+        self.drop_manifest(origin.id(), path, version);
         Err(CasError::OriginChanged {
             origin: origin.id().clone(),
             path: path.to_string(),
@@ -949,13 +1027,13 @@ impl CacheInner {
     ) -> Result<Bytes> {
         self.counters.refetched.fetch_add(1, Ordering::Relaxed);
         let data = if origin.supports_range_reads() {
-            self.origin_read(origin, path, version.size, start, u64::from(chunk.len))
+            self.origin_read(origin, path, version, start, u64::from(chunk.len))
                 .await?
         } else {
             // The whole file is what such an origin costs anyway: store all
             // of it, so the file's next missing chunk is no new fetch.
             let whole = self
-                .origin_read(origin, path, version.size, 0, version.size)
+                .origin_read(origin, path, version, 0, version.size)
                 .await?;
             let end = start + u64::from(chunk.len);
             if end > whole.len() as u64 {
@@ -974,7 +1052,7 @@ impl CacheInner {
             }
             whole.slice(start as usize..end as usize)
         };
-        self.check_chunk(origin, path, chunk, &data)?;
+        self.check_chunk(origin, path, version, chunk, &data)?;
         match self.store.put(data.clone()).await {
             Ok(_) | Err(CasError::CacheUnavailable { .. }) => {}
             Err(e) => debug!(error = %e, "could not store the re-fetched chunk"),
@@ -1011,6 +1089,8 @@ enum IngestStep {
     Land,
     /// Read `(from, len)` from the origin.
     Read(u64, u64),
+    /// The whole file is cached: check its version once more, then end.
+    Finished,
 }
 
 /// The ingest loop of one open file; see the module docs.
@@ -1086,7 +1166,7 @@ async fn run_ingest(weak: Weak<OpenFile>, cache: Arc<CacheInner>) {
                 drop(st);
                 debug!(path = %file.path, "file fully cached");
                 file.progress.send_modify(|v| *v += 1);
-                return;
+                IngestStep::Finished
             } else {
                 st.ingest = if st.stale {
                     Ingest::Failed { at: Instant::now() }
@@ -1112,12 +1192,17 @@ async fn run_ingest(weak: Weak<OpenFile>, cache: Arc<CacheInner>) {
                 continue;
             }
             IngestStep::Read(from, len) => (from, len),
+            IngestStep::Finished => {
+                recheck_version(&file, &cache).await;
+                return;
+            }
         };
         let origin = file.origin.clone();
         let path = file.path.clone();
+        let version = file.version.clone();
         // Do not keep the file alive across a possibly long origin call.
         drop(file);
-        let read = cache.origin_read(&origin, &path, size, from, len).await;
+        let read = cache.origin_read(&origin, &path, &version, from, len).await;
         let Some(file) = weak.upgrade() else { return };
         match read {
             Ok(data) => {
@@ -1148,6 +1233,11 @@ async fn run_ingest(weak: Weak<OpenFile>, cache: Arc<CacheInner>) {
                 // read-ahead while the first bytes wait in the queue.
                 tokio::task::yield_now().await;
             }
+            Err(CasError::OriginChanged { reason, .. }) => {
+                file.go_stale(&cache, &reason);
+                file.state.lock().ingest = Ingest::Failed { at: Instant::now() };
+                return;
+            }
             Err(e) => {
                 warn!(path = %path, error = %e, "ingest read failed; reads go to the origin directly for now");
                 file.state.lock().ingest = Ingest::Failed { at: Instant::now() };
@@ -1155,6 +1245,26 @@ async fn run_ingest(weak: Weak<OpenFile>, cache: Arc<CacheInner>) {
                 return;
             }
         }
+    }
+}
+
+/// The ingest has cached a whole file: one more look at the origin's
+/// version. Every block was read conditionally on the version already; this
+/// also catches an origin that cannot check versions on reads. A changed
+/// version only drops the stored manifest, so no later open uses it; this
+/// handle's bytes all came from its own version and stay valid for it.
+async fn recheck_version(file: &OpenFile, cache: &CacheInner) {
+    let stat = file.origin.stat(&file.path);
+    match tokio::time::timeout(cache.config.origin_timeout, stat).await {
+        Ok(Ok(meta)) if !file.version.matches(&meta) => {
+            info!(path = %file.path, cached = %file.version, now = %meta.version(), "file changed on the origin while it was cached; its cached copy will not be used again");
+            cache.drop_manifest(file.origin.id(), &file.path, &file.version);
+        }
+        Ok(Err(e)) if e.is_not_found() => {
+            cache.drop_manifest(file.origin.id(), &file.path, &file.version);
+        }
+        // Unchanged, or the origin cannot say right now: keep it.
+        _ => {}
     }
 }
 
@@ -1339,6 +1449,67 @@ mod tests {
         }
         wait_complete(&cache, &origin).await;
         drop(h);
+    }
+
+    /// What a tagger does to a track being played: rewrite it in place,
+    /// same size, new bytes, new mtime. The open handle serves bytes of the
+    /// version it opened and then an error, never the new bytes; a new open
+    /// gets exactly the new file.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_rewritten_while_read_never_mixes_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let len = 24 * MIB as usize;
+        let old = Bytes::from(pseudo_random_bytes(len, 7));
+        let new = Bytes::from(pseudo_random_bytes(len, 8));
+        let mem = MemOrigin::new(OriginId::new("lib").unwrap());
+        mem.put(TRACK, old.clone());
+        let origin = FaultyOrigin::new(mem.clone());
+        let (cache, _) = Cache::open(CacheConfig::new(dir.path(), 1 << 30))
+            .await
+            .unwrap();
+        cache.add_origin(origin.clone());
+
+        let h = open(&cache, &origin).await;
+        let head = h.read(0, 2 * MIB).await.unwrap();
+        assert_eq!(&head[..], &old[..2 * MIB as usize]);
+        mem.put(TRACK, new.clone());
+
+        let mut failed = None;
+        let mut off = 2 * MIB;
+        while off < len as u64 {
+            match h.read(off, MIB).await {
+                Ok(got) => {
+                    assert!(failed.is_none(), "bytes served after the handle failed");
+                    let at = off as usize;
+                    assert_eq!(
+                        &got[..],
+                        &old[at..at + got.len()],
+                        "bytes of another version at {off}"
+                    );
+                }
+                Err(e) => {
+                    assert!(matches!(e, CasError::OriginChanged { .. }), "{e}");
+                    failed.get_or_insert(off);
+                }
+            }
+            off += MIB;
+        }
+        // 24 MiB with 16 MiB of read-ahead: the end was not read before the
+        // change, so the handle must have ended with the error.
+        assert!(failed.is_some(), "the change went unnoticed");
+        drop(h);
+        let now = origin.stat(&path()).await.unwrap().version();
+        let stored = cache.index().manifest(origin.id(), &path()).unwrap();
+        assert!(
+            stored.is_none_or(|m| m.version == now),
+            "a manifest of the old version survived"
+        );
+
+        let h = open(&cache, &origin).await;
+        assert_eq!(read_through(&h, len).await, new);
+        drop(h);
+        let m = wait_complete(&cache, &origin).await;
+        assert_eq!(m.version, origin.stat(&path()).await.unwrap().version());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

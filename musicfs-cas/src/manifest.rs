@@ -7,30 +7,12 @@
 //! boundaries. Manifests are read back from disk, so decoding treats the
 //! bytes as untrusted: any damage gives [`CasError::CorruptRecord`].
 
-use musicfs_origins::EntryMeta;
+pub use musicfs_origins::FileVersion;
 
 use crate::codec::{put_opt_i64, put_opt_str, Reader};
 use crate::{CasError, ChunkId, Result};
 
 const MAGIC: &[u8; 4] = b"MFM1";
-
-/// The version of an origin file that cached data belongs to.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct FileVersion {
-    pub size: u64,
-    pub mtime_ns: Option<i64>,
-    pub etag: Option<String>,
-}
-
-impl FileVersion {
-    pub fn of(meta: &EntryMeta) -> Self {
-        Self {
-            size: meta.size,
-            mtime_ns: meta.mtime_ns,
-            etag: meta.etag.clone(),
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkRef {

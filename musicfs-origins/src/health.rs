@@ -32,7 +32,9 @@ use parking_lot::RwLock;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::{DirEntry, DynOrigin, EntryMeta, Origin, OriginError, OriginId, OriginPath, Result};
+use crate::{
+    DirEntry, DynOrigin, EntryMeta, FileVersion, Origin, OriginError, OriginId, OriginPath, Result,
+};
 
 /// What the monitor last concluded about an origin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -321,9 +323,19 @@ impl Origin for Watched {
         self.watched("stat", self.inner.stat(path)).await
     }
 
-    async fn read_range(&self, path: &OriginPath, offset: u64, len: u64) -> Result<Bytes> {
-        self.watched("read", self.inner.read_range(path, offset, len))
+    async fn read_range(
+        &self,
+        path: &OriginPath,
+        version: &FileVersion,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes> {
+        self.watched("read", self.inner.read_range(path, version, offset, len))
             .await
+    }
+
+    fn release(&self, path: &OriginPath, version: &FileVersion) {
+        self.inner.release(path, version);
     }
 
     async fn health(&self) -> Result<()> {
@@ -368,6 +380,14 @@ mod tests {
     use async_trait::async_trait;
     use bytes::Bytes;
     use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn version() -> FileVersion {
+        FileVersion {
+            size: 10,
+            mtime_ns: None,
+            etag: None,
+        }
+    }
 
     #[derive(Debug, Clone)]
     enum Mode {
@@ -419,7 +439,13 @@ mod tests {
         async fn stat(&self, _: &OriginPath) -> Result<EntryMeta> {
             Err(self.unavailable())
         }
-        async fn read_range(&self, _: &OriginPath, _: u64, _: u64) -> Result<Bytes> {
+        async fn read_range(
+            &self,
+            _: &OriginPath,
+            _: &FileVersion,
+            _: u64,
+            _: u64,
+        ) -> Result<Bytes> {
             let mode = self.mode.lock().clone();
             match mode {
                 Mode::Hang => std::future::pending().await,
@@ -489,7 +515,7 @@ mod tests {
 
         fake.set(Mode::Hang);
         let path = OriginPath::new("a.flac").unwrap();
-        let read = tokio::spawn(async move { watched.read_range(&path, 0, 10).await });
+        let read = tokio::spawn(async move { watched.read_range(&path, &version(), 0, 10).await });
         tokio::time::sleep(Duration::from_millis(1990)).await;
         assert_eq!(state(&monitor, &fake), HealthState::Healthy);
         tokio::time::sleep(Duration::from_millis(20)).await;

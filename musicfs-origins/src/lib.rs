@@ -94,12 +94,67 @@ pub struct EntryMeta {
 }
 
 impl EntryMeta {
+    /// The version of the file this entry describes.
+    pub fn version(&self) -> FileVersion {
+        FileVersion::of(self)
+    }
+
     /// True when `other` describes the same version of the same content.
     pub fn same_version(&self, other: &EntryMeta) -> bool {
         self.kind == other.kind
             && self.size == other.size
             && self.mtime_ns == other.mtime_ns
             && self.etag == other.etag
+    }
+}
+
+/// One version of an origin file: what a reader binds to when it opens the
+/// file, and what every byte it reads from the origin must belong to.
+///
+/// Equal versions are assumed to hold equal bytes. That is as strong as the
+/// origin's own change marker: a local file rewritten with its size and
+/// mtime restored (`touch -r`) looks unchanged; an ETag does not have that
+/// gap.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FileVersion {
+    pub size: u64,
+    pub mtime_ns: Option<i64>,
+    pub etag: Option<String>,
+}
+
+impl FileVersion {
+    pub fn of(meta: &EntryMeta) -> Self {
+        Self {
+            size: meta.size,
+            mtime_ns: meta.mtime_ns,
+            etag: meta.etag.clone(),
+        }
+    }
+
+    /// True when `meta` is a file of exactly this version.
+    pub fn matches(&self, meta: &EntryMeta) -> bool {
+        meta.kind == EntryKind::File
+            && meta.size == self.size
+            && meta.mtime_ns == self.mtime_ns
+            && meta.etag == self.etag
+    }
+}
+
+impl fmt::Display for FileVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} bytes", self.size)?;
+        if let Some(ns) = self.mtime_ns {
+            write!(
+                f,
+                ", mtime {}.{:09}",
+                ns.div_euclid(1_000_000_000),
+                ns.rem_euclid(1_000_000_000)
+            )?;
+        }
+        if let Some(etag) = &self.etag {
+            write!(f, ", etag {etag}")?;
+        }
+        Ok(())
     }
 }
 
@@ -124,10 +179,29 @@ pub trait Origin: Send + Sync + fmt::Debug {
     /// What the entry at `path` is, without following a final symlink.
     async fn stat(&self, path: &OriginPath) -> Result<EntryMeta>;
 
-    /// Up to `len` bytes of the file at `path` from `offset`. Fewer bytes come
-    /// back only at the end of the file; reading at or past the end gives an
-    /// empty buffer.
-    async fn read_range(&self, path: &OriginPath, offset: u64, len: u64) -> Result<Bytes>;
+    /// Up to `len` bytes of `version` of the file at `path` from `offset`.
+    /// Fewer bytes come back only at the end of the file; reading at or past
+    /// the end gives an empty buffer.
+    ///
+    /// Every byte returned belongs to `version`: when the origin no longer
+    /// has that version (rewritten, replaced, deleted while read), the call
+    /// fails with [`OriginError::Changed`] rather than return bytes of
+    /// another version or a mix. A local origin checks with `fstat` around
+    /// the read on a descriptor it keeps open for the version (so a file
+    /// replaced by rename still serves the old inode); a remote one sends
+    /// `If-Match` with the ETag.
+    async fn read_range(
+        &self,
+        path: &OriginPath,
+        version: &FileVersion,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes>;
+
+    /// The reader of `version` of `path` is done with it: an origin that
+    /// keeps something open per version (a descriptor) may let it go. A
+    /// hint only; later reads of the version still work.
+    fn release(&self, _path: &OriginPath, _version: &FileVersion) {}
 
     /// Whether the origin answers right now. Callers bound this by a timeout.
     async fn health(&self) -> Result<()>;
@@ -144,6 +218,13 @@ pub trait Origin: Send + Sync + fmt::Debug {
 pub enum OriginError {
     #[error("{origin}: '{path}' does not exist on the origin")]
     NotFound { origin: OriginId, path: String },
+
+    #[error("{origin}: '{path}' changed on the origin while it was read ({reason}); open it again to read the new version")]
+    Changed {
+        origin: OriginId,
+        path: String,
+        reason: String,
+    },
 
     #[error("{origin}: '{path}' is not a {expected}")]
     WrongKind {
@@ -191,6 +272,7 @@ impl OriginError {
     pub fn is_retryable(&self) -> bool {
         match self {
             OriginError::NotFound { .. }
+            | OriginError::Changed { .. }
             | OriginError::WrongKind { .. }
             | OriginError::InvalidPath { .. }
             | OriginError::InvalidName { .. }
@@ -207,6 +289,11 @@ impl OriginError {
     /// (other reads closing theirs) fixes it.
     pub fn is_fd_exhaustion(&self) -> bool {
         matches!(self, OriginError::TooManyOpenFiles { .. })
+    }
+
+    /// True when the origin no longer has the version a read asked for.
+    pub fn is_changed(&self) -> bool {
+        matches!(self, OriginError::Changed { .. })
     }
 
     /// True when the entry is known not to exist.

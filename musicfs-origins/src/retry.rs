@@ -22,7 +22,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::{DirEntry, DynOrigin, EntryMeta, Origin, OriginId, OriginPath, Result};
+use crate::{DirEntry, DynOrigin, EntryMeta, FileVersion, Origin, OriginId, OriginPath, Result};
 
 /// How often and how patiently to retry.
 #[derive(Debug, Clone)]
@@ -117,9 +117,21 @@ impl Origin for RetryOrigin {
         self.retry("stat", path, || self.inner.stat(path)).await
     }
 
-    async fn read_range(&self, path: &OriginPath, offset: u64, len: u64) -> Result<Bytes> {
-        self.retry("read", path, || self.inner.read_range(path, offset, len))
-            .await
+    async fn read_range(
+        &self,
+        path: &OriginPath,
+        version: &FileVersion,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes> {
+        self.retry("read", path, || {
+            self.inner.read_range(path, version, offset, len)
+        })
+        .await
+    }
+
+    fn release(&self, path: &OriginPath, version: &FileVersion) {
+        self.inner.release(path, version);
     }
 
     async fn health(&self) -> Result<()> {
@@ -138,6 +150,14 @@ mod tests {
     use std::collections::VecDeque;
     use std::sync::Arc;
     use tokio::time::Instant;
+
+    fn version() -> FileVersion {
+        FileVersion {
+            size: 7,
+            mtime_ns: None,
+            etag: None,
+        }
+    }
 
     /// Builds the error for the given attempt number (1-based).
     type Failure = fn(&OriginId, u32) -> OriginError;
@@ -212,7 +232,13 @@ mod tests {
                 etag: None,
             })
         }
-        async fn read_range(&self, _: &OriginPath, _: u64, _: u64) -> Result<Bytes> {
+        async fn read_range(
+            &self,
+            _: &OriginPath,
+            _: &FileVersion,
+            _: u64,
+            _: u64,
+        ) -> Result<Bytes> {
             self.attempt().map(|()| Bytes::from_static(b"flac"))
         }
         async fn health(&self) -> Result<()> {
@@ -238,7 +264,7 @@ mod tests {
         let inner = Scripted::new(vec![unavailable, unavailable]);
         let origin = wrap(&inner, RetryPolicy::default());
         let start = Instant::now();
-        let data = origin.read_range(&path(), 0, 4).await.unwrap();
+        let data = origin.read_range(&path(), &version(), 0, 4).await.unwrap();
         let took = start.elapsed();
         assert_eq!(&data[..], b"flac");
         assert_eq!(inner.count(), 3);
@@ -275,7 +301,10 @@ mod tests {
         let inner = Scripted::new(vec![unavailable; 5]);
         let origin = wrap(&inner, RetryPolicy::default());
         let start = Instant::now();
-        let err = origin.read_range(&path(), 0, 4).await.unwrap_err();
+        let err = origin
+            .read_range(&path(), &version(), 0, 4)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("attempt 3 failed"), "{err}");
         assert!(err.is_retryable());
         assert_eq!(inner.count(), 3);

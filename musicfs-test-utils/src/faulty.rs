@@ -28,7 +28,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use musicfs_origins::{
-    DirEntry, DynOrigin, EntryMeta, Origin, OriginError, OriginId, OriginPath, Result,
+    DirEntry, DynOrigin, EntryMeta, FileVersion, Origin, OriginError, OriginId, OriginPath, Result,
 };
 use parking_lot::Mutex;
 
@@ -372,9 +372,15 @@ impl FaultyOrigin {
         result
     }
 
-    async fn read_inner(&self, path: &OriginPath, offset: u64, len: u64) -> Result<Bytes> {
+    async fn read_inner(
+        &self,
+        path: &OriginPath,
+        version: &FileVersion,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes> {
         let fault = self.before(Op::Read).await?;
-        let data = self.inner.read_range(path, offset, len).await?;
+        let data = self.inner.read_range(path, version, offset, len).await?;
         Ok(match fault {
             Fault::CorruptBytes => corrupt(&data, offset),
             Fault::Truncate => data.slice(..data.len() / 2),
@@ -431,16 +437,26 @@ impl Origin for FaultyOrigin {
         self.count_failure(result)
     }
 
-    async fn read_range(&self, path: &OriginPath, offset: u64, len: u64) -> Result<Bytes> {
+    async fn read_range(
+        &self,
+        path: &OriginPath,
+        version: &FileVersion,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes> {
         self.counters.read_calls.fetch_add(1, Ordering::SeqCst);
         let _in_flight = InFlight::enter(&self.counters);
-        let result = self.read_inner(path, offset, len).await;
+        let result = self.read_inner(path, version, offset, len).await;
         if let Ok(data) = &result {
             self.counters
                 .bytes_served
                 .fetch_add(data.len() as u64, Ordering::SeqCst);
         }
         self.count_failure(result)
+    }
+
+    fn release(&self, path: &OriginPath, version: &FileVersion) {
+        self.inner.release(path, version);
     }
 
     async fn health(&self) -> Result<()> {
@@ -477,6 +493,20 @@ mod tests {
         OriginPath::new(s).unwrap()
     }
 
+    /// A read of the file's current version, taken from the inner origin so
+    /// that the stat meets no fault and is not counted.
+    async fn read(f: &FaultyOrigin, path: &OriginPath, offset: u64, len: u64) -> Result<Bytes> {
+        let version = f.inner().stat(path).await.map_or(
+            FileVersion {
+                size: 0,
+                mtime_ns: None,
+                etag: None,
+            },
+            |m| m.version(),
+        );
+        f.read_range(path, &version, offset, len).await
+    }
+
     fn is_injected(e: &OriginError) -> bool {
         matches!(e, OriginError::Unavailable { reason, .. } if reason.starts_with("injected fault:"))
             && e.is_retryable()
@@ -486,9 +516,9 @@ mod tests {
     async fn no_fault_passes_through_and_counts_traffic() {
         let (_mem, f, data) = setup(10_000);
         assert_eq!(f.id().as_str(), "mem");
-        let got = f.read_range(&p(FILE), 100, 1000).await.unwrap();
+        let got = read(&f, &p(FILE), 100, 1000).await.unwrap();
         assert_eq!(&got[..], &data[100..1100]);
-        let tail = f.read_range(&p(FILE), 9_500, 1000).await.unwrap();
+        let tail = read(&f, &p(FILE), 9_500, 1000).await.unwrap();
         assert_eq!(tail.len(), 500);
         f.list(&p("a")).await.unwrap();
         f.stat(&p(FILE)).await.unwrap();
@@ -525,9 +555,7 @@ mod tests {
     async fn transient_fails_every_op_with_a_retryable_error() {
         let (_mem, f, _) = setup(100);
         f.set_fault(Fault::Transient);
-        assert!(is_injected(
-            &f.read_range(&p(FILE), 0, 10).await.unwrap_err()
-        ));
+        assert!(is_injected(&read(&f, &p(FILE), 0, 10).await.unwrap_err()));
         assert!(is_injected(&f.list(&p("a")).await.unwrap_err()));
         assert!(is_injected(&f.stat(&p(FILE)).await.unwrap_err()));
         assert!(is_injected(&f.health().await.unwrap_err()));
@@ -536,7 +564,7 @@ mod tests {
         assert_eq!(s.bytes_served, 0);
         assert_eq!(s.read_calls, 1);
         f.clear();
-        assert_eq!(f.read_range(&p(FILE), 0, 10).await.unwrap().len(), 10);
+        assert_eq!(read(&f, &p(FILE), 0, 10).await.unwrap().len(), 10);
     }
 
     #[tokio::test]
@@ -547,7 +575,7 @@ mod tests {
         for call in 1..=7u64 {
             // Other ops are not affected and do not advance the count.
             f.stat(&p(FILE)).await.unwrap();
-            if f.read_range(&p(FILE), 0, 10).await.is_err() {
+            if read(&f, &p(FILE), 0, 10).await.is_err() {
                 failed.push(call);
             }
         }
@@ -556,12 +584,12 @@ mod tests {
 
         // Setting the fault again restarts the count.
         f.set_fault_on(Ops::READ, Fault::FailEveryNth(2));
-        assert!(f.read_range(&p(FILE), 0, 10).await.is_ok());
-        assert!(f.read_range(&p(FILE), 0, 10).await.is_err());
+        assert!(read(&f, &p(FILE), 0, 10).await.is_ok());
+        assert!(read(&f, &p(FILE), 0, 10).await.is_err());
 
         f.set_fault(Fault::FailEveryNth(0));
         for _ in 0..5 {
-            assert!(f.read_range(&p(FILE), 0, 10).await.is_ok());
+            assert!(read(&f, &p(FILE), 0, 10).await.is_ok());
         }
     }
 
@@ -570,7 +598,7 @@ mod tests {
         let (_mem, f, _) = setup(100);
         f.set_fault(Fault::FailEveryNth(2));
         assert!(f.stat(&p(FILE)).await.is_ok());
-        assert!(f.read_range(&p(FILE), 0, 1).await.is_err());
+        assert!(read(&f, &p(FILE), 0, 1).await.is_err());
         assert!(f.health().await.is_ok());
         assert!(f.list(&p("a")).await.is_err());
     }
@@ -579,7 +607,7 @@ mod tests {
     async fn set_fault_on_scopes_to_the_named_ops() {
         let (_mem, f, _) = setup(100);
         f.set_fault_on(Ops::LIST | Ops::HEALTH, Fault::Transient);
-        assert!(f.read_range(&p(FILE), 0, 10).await.is_ok());
+        assert!(read(&f, &p(FILE), 0, 10).await.is_ok());
         assert!(f.stat(&p(FILE)).await.is_ok());
         assert!(f.list(&p("a")).await.is_err());
         assert!(f.health().await.is_err());
@@ -587,7 +615,7 @@ mod tests {
         // Replacing the read fault leaves list/health as they were.
         f.set_fault_on(Ops::DATA, Fault::Transient);
         f.set_fault_on(Ops::LIST, Fault::None);
-        assert!(f.read_range(&p(FILE), 0, 10).await.is_err());
+        assert!(read(&f, &p(FILE), 0, 10).await.is_err());
         assert!(f.list(&p("a")).await.is_ok());
         assert!(f.health().await.is_err());
         assert!(f.stat(&p(FILE)).await.is_ok());
@@ -598,7 +626,7 @@ mod tests {
         let (_mem, f, data) = setup(100);
         f.set_fault(Fault::TimeoutMs(250));
         let start = Instant::now();
-        let got = f.read_range(&p(FILE), 0, 100).await.unwrap();
+        let got = read(&f, &p(FILE), 0, 100).await.unwrap();
         assert_eq!(&got[..], &data[..]);
         assert_eq!(start.elapsed(), Duration::from_millis(250));
 
@@ -617,10 +645,10 @@ mod tests {
         let (_mem, f, _) = setup(100);
         f.set_fault(Fault::TimeoutMs(1000));
         let file = p(FILE);
-        let mut delayed = Box::pin(f.read_range(&file, 0, 10));
+        let mut delayed = Box::pin(read(&f, &file, 0, 10));
         assert!(futures::poll!(&mut delayed).is_pending());
         f.set_fault(Fault::Transient);
-        assert!(f.read_range(&p(FILE), 0, 10).await.is_err());
+        assert!(read(&f, &p(FILE), 0, 10).await.is_err());
         assert_eq!(delayed.await.unwrap().len(), 10);
     }
 
@@ -636,11 +664,11 @@ mod tests {
             .is_err());
 
         let file = p(FILE);
-        let mut hung = Box::pin(f.read_range(&file, 0, 10));
+        let mut hung = Box::pin(read(&f, &file, 0, 10));
         assert!(futures::poll!(&mut hung).is_pending());
         assert_eq!(f.stats().in_flight_reads, 1);
         f.clear();
-        assert!(f.read_range(&p(FILE), 0, 10).await.is_ok());
+        assert!(read(&f, &p(FILE), 0, 10).await.is_ok());
         assert!(timeout(Duration::from_secs(3600), &mut hung).await.is_err());
         assert_eq!(f.stats().in_flight_reads, 1);
         drop(hung);
@@ -658,7 +686,7 @@ mod tests {
         assert_eq!(f.stat(&p(FILE)).await.unwrap().size, 20_000);
 
         let offset = 4000u64;
-        let got = f.read_range(&p(FILE), offset, 10_000).await.unwrap();
+        let got = read(&f, &p(FILE), offset, 10_000).await.unwrap();
         assert_eq!(got.len(), 10_000);
         let flipped: Vec<usize> = (0..got.len())
             .filter(|&i| got[i] != data[4000 + i])
@@ -668,20 +696,20 @@ mod tests {
         for &i in &flipped {
             assert_eq!(got[i], data[4000 + i] ^ 0xFF);
         }
-        let again = f.read_range(&p(FILE), offset, 10_000).await.unwrap();
+        let again = read(&f, &p(FILE), offset, 10_000).await.unwrap();
         assert_eq!(got, again);
 
         // A read starting on a 4096 boundary is flipped once, not twice.
-        let aligned = f.read_range(&p(FILE), 4096, 1).await.unwrap();
+        let aligned = read(&f, &p(FILE), 4096, 1).await.unwrap();
         assert_eq!(aligned[0], data[4096] ^ 0xFF);
-        assert!(f.read_range(&p(FILE), 20_000, 10).await.unwrap().is_empty());
+        assert!(read(&f, &p(FILE), 20_000, 10).await.unwrap().is_empty());
     }
 
     #[tokio::test]
     async fn truncate_returns_half_and_counts_what_was_returned() {
         let (_mem, f, data) = setup(1000);
         f.set_fault_on(Ops::READ, Fault::Truncate);
-        let got = f.read_range(&p(FILE), 100, 301).await.unwrap();
+        let got = read(&f, &p(FILE), 100, 301).await.unwrap();
         assert_eq!(&got[..], &data[100..250]);
         assert_eq!(f.stats().bytes_served, 150);
         assert!(f.list(&p("a")).await.is_ok());
@@ -699,13 +727,13 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::from_millis(20));
 
         let start = Instant::now();
-        let got = f.read_range(&p(FILE), 0, 50_000).await.unwrap();
+        let got = read(&f, &p(FILE), 0, 50_000).await.unwrap();
         assert_eq!(got.len(), 50_000);
         assert_eq!(start.elapsed(), Duration::from_millis(520));
 
         // Only the bytes actually returned cost transfer time.
         let start = Instant::now();
-        let tail = f.read_range(&p(FILE), 990_000, 50_000).await.unwrap();
+        let tail = read(&f, &p(FILE), 990_000, 50_000).await.unwrap();
         assert_eq!(tail.len(), 10_000);
         assert_eq!(start.elapsed(), Duration::from_millis(120));
     }
@@ -715,7 +743,7 @@ mod tests {
         let (_mem, f, _) = setup(1000);
         f.set_fault_on(Ops::READ, Fault::TimeoutMs(100));
         let file = p(FILE);
-        let reads = (0..5).map(|i| f.read_range(&file, i * 100, 100));
+        let reads = (0..5).map(|i| read(&f, &file, i * 100, 100));
         let results = futures::future::join_all(reads).await;
         assert!(results.iter().all(|r| r.as_ref().unwrap().len() == 100));
         let s = f.stats();
@@ -730,7 +758,7 @@ mod tests {
         let (mem, f, _) = setup(100);
         mem.set_available(false);
         assert!(f.health().await.is_err());
-        assert!(f.read_range(&p(FILE), 0, 1).await.is_err());
+        assert!(read(&f, &p(FILE), 0, 1).await.is_err());
         assert_eq!(f.stats().failures, 2);
     }
 }

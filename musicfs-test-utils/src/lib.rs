@@ -20,3 +20,25 @@ pub use library::{
     LibrarySpec,
 };
 pub use mem::MemOrigin;
+
+use musicfs_origins::{Origin, OriginPath};
+
+/// `read_range` of the version `path` has right now, as a reader that just
+/// stat'ed it would ask for (a made-up version for what cannot be stat'ed,
+/// so the read's own error shows). For tests of origins and wrappers.
+pub async fn read_now(
+    origin: &dyn Origin,
+    path: &OriginPath,
+    offset: u64,
+    len: u64,
+) -> musicfs_origins::Result<bytes::Bytes> {
+    let version = match origin.stat(path).await {
+        Ok(meta) => meta.version(),
+        Err(_) => musicfs_origins::FileVersion {
+            size: 0,
+            mtime_ns: None,
+            etag: None,
+        },
+    };
+    origin.read_range(path, &version, offset, len).await
+}

@@ -10,7 +10,8 @@
 //!   missing or wrong-kind paths give [`OriginError::NotFound`] /
 //!   [`OriginError::WrongKind`] exactly where a local disk would.
 //! - `read_range` follows the trait to the letter: short only at the end of
-//!   the file, empty at or past it. Returned buffers share the stored bytes,
+//!   the file, empty at or past it, [`OriginError::Changed`] when the file
+//!   is no longer the version asked for. Returned buffers share the stored bytes,
 //!   so reading a 100 MB file costs no copy.
 //! - [`MemOrigin::put`] always produces a new version: its mtime is a clock
 //!   that only moves forward, past every mtime ever stored. A directory's
@@ -25,7 +26,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use musicfs_origins::{
-    DirEntry, EntryKind, EntryMeta, Origin, OriginError, OriginId, OriginPath, Result,
+    DirEntry, EntryKind, EntryMeta, FileVersion, Origin, OriginError, OriginId, OriginPath, Result,
 };
 use parking_lot::Mutex;
 
@@ -300,7 +301,13 @@ impl Origin for MemOrigin {
         Err(state.missing(&self.id, path))
     }
 
-    async fn read_range(&self, path: &OriginPath, offset: u64, len: u64) -> Result<Bytes> {
+    async fn read_range(
+        &self,
+        path: &OriginPath,
+        version: &FileVersion,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes> {
         self.check_up()?;
         let state = self.state.lock();
         let Some(file) = state.files.get(path.as_str()) else {
@@ -313,6 +320,14 @@ impl Origin for MemOrigin {
             }
             return Err(state.missing(&self.id, path));
         };
+        let now = file_meta(file);
+        if !version.matches(&now) {
+            return Err(OriginError::Changed {
+                origin: self.id.clone(),
+                path: path.to_string(),
+                reason: format!("expected {version}, found {}", now.version()),
+            });
+        }
         let size = file.data.len() as u64;
         let start = offset.min(size);
         let end = offset.saturating_add(len).min(size);
@@ -386,8 +401,7 @@ mod tests {
 
         assert!(m.stat(&p("a/nope")).await.unwrap_err().is_not_found());
         assert!(m.list(&p("nope")).await.unwrap_err().is_not_found());
-        assert!(m
-            .read_range(&p("nope"), 0, 1)
+        assert!(crate::read_now(&*m, &p("nope"), 0, 1)
             .await
             .unwrap_err()
             .is_not_found());
@@ -399,7 +413,10 @@ mod tests {
             );
         };
         wrong(m.list(&p("a/b.flac")).await.unwrap_err(), "directory");
-        wrong(m.read_range(&p("a"), 0, 1).await.unwrap_err(), "file");
+        wrong(
+            crate::read_now(&*m, &p("a"), 0, 1).await.unwrap_err(),
+            "file",
+        );
         wrong(m.stat(&p("a/b.flac/c")).await.unwrap_err(), "directory");
     }
 
@@ -409,16 +426,24 @@ mod tests {
         let data: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
         m.put("f", data.clone());
         let f = p("f");
-        assert_eq!(&m.read_range(&f, 10, 20).await.unwrap()[..], &data[10..30]);
-        assert_eq!(&m.read_range(&f, 990, 20).await.unwrap()[..], &data[990..]);
-        assert_eq!(&m.read_range(&f, 0, u64::MAX).await.unwrap()[..], &data[..]);
-        assert!(m.read_range(&f, 1000, 10).await.unwrap().is_empty());
-        assert!(m
-            .read_range(&f, u64::MAX, u64::MAX)
+        assert_eq!(
+            &crate::read_now(&*m, &f, 10, 20).await.unwrap()[..],
+            &data[10..30]
+        );
+        assert_eq!(
+            &crate::read_now(&*m, &f, 990, 20).await.unwrap()[..],
+            &data[990..]
+        );
+        assert_eq!(
+            &crate::read_now(&*m, &f, 0, u64::MAX).await.unwrap()[..],
+            &data[..]
+        );
+        assert!(crate::read_now(&*m, &f, 1000, 10).await.unwrap().is_empty());
+        assert!(crate::read_now(&*m, &f, u64::MAX, u64::MAX)
             .await
             .unwrap()
             .is_empty());
-        assert!(m.read_range(&f, 5, 0).await.unwrap().is_empty());
+        assert!(crate::read_now(&*m, &f, 5, 0).await.unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -435,7 +460,10 @@ mod tests {
         m.put_with_mtime("a/f", "SAME", v2.mtime_ns.unwrap());
         let v3 = m.stat(&p("a/f")).await.unwrap();
         assert!(v2.same_version(&v3));
-        assert_eq!(&m.read_range(&p("a/f"), 0, 4).await.unwrap()[..], b"SAME");
+        assert_eq!(
+            &crate::read_now(&*m, &p("a/f"), 0, 4).await.unwrap()[..],
+            b"SAME"
+        );
 
         // ...but a later put is still newer than any chosen mtime.
         m.put_with_mtime("a/g", "x", i64::MAX - 10);
@@ -489,14 +517,17 @@ mod tests {
             m.health().await.unwrap_err(),
             m.list(&OriginPath::root()).await.unwrap_err(),
             m.stat(&p("f")).await.unwrap_err(),
-            m.read_range(&p("f"), 0, 1).await.unwrap_err(),
+            crate::read_now(&*m, &p("f"), 0, 1).await.unwrap_err(),
         ];
         for e in errs {
             assert!(matches!(e, OriginError::Unavailable { .. }) && e.is_retryable());
         }
         m.set_available(true);
         assert!(m.health().await.is_ok());
-        assert_eq!(&m.read_range(&p("f"), 0, 1).await.unwrap()[..], b"x");
+        assert_eq!(
+            &crate::read_now(&*m, &p("f"), 0, 1).await.unwrap()[..],
+            b"x"
+        );
     }
 
     #[test]
