@@ -304,6 +304,7 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
         ..FsConfig::default()
     };
     let fs = MusicFs::new(cache.clone(), origins, fs_config, rt.handle().clone());
+    fs.set_health(Arc::clone(&health));
     rt.block_on(fs.preflight(s.health_timeout))
         .context("cannot start")?;
 

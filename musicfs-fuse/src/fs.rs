@@ -33,7 +33,7 @@ use std::ffi::OsStr;
 use std::fmt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -44,15 +44,20 @@ use fuser::{
 };
 use musicfs_cas::{Cache, CasError, FileHandle, Listing};
 use musicfs_origins::{
-    DirEntry, DynOrigin, EntryKind, EntryMeta, OriginError, OriginId, OriginPath,
+    DirEntry, DynOrigin, EntryKind, EntryMeta, HealthMonitor, OriginError, OriginId, OriginPath,
 };
 use parking_lot::{Mutex, RwLock};
 use tokio::runtime::Handle;
 use tracing::{debug, info, warn};
 
 use crate::attr::{self, Owner, BLOCK_SIZE};
+use crate::errno;
 use crate::inode::{InodeTable, Node, NodeKey};
+use crate::versions::SeenFiles;
 use crate::{FsConfig, FuseError, Ino, Result};
+
+mod fresh;
+mod quiet;
 
 /// Decoded listings kept in memory, so the `lookup` of every entry of a big
 /// directory does not decode its whole listing again. The index stays the
@@ -112,8 +117,16 @@ struct Inner {
     root_meta: RwLock<HashMap<OriginId, EntryMeta>>,
     files: Mutex<HashMap<u64, OpenFile>>,
     dirs: Mutex<HashMap<u64, Arc<[DirItem]>>>,
-    /// The version each file inode was last opened as, for `KEEP_CACHE`.
-    opened: Mutex<HashMap<Ino, EntryMeta>>,
+    /// What each file was last opened as and confirmed to be (freshness,
+    /// `KEEP_CACHE`).
+    seen: Mutex<SeenFiles>,
+    /// Origins with a freshness check that has not answered in time, since
+    /// when (see `fresh`).
+    unanswered: Mutex<HashMap<OriginId, Instant>>,
+    /// The origins' health, when the caller runs a monitor.
+    health: RwLock<Option<Arc<HealthMonitor>>>,
+    /// Tells the kernel to drop cached attributes; set once mounted.
+    notifier: Arc<OnceLock<fuser::Notifier>>,
     next_fh: AtomicU64,
     /// A hand-back of freed memory is pending (see [`TRIM_AFTER`]).
     trim_pending: AtomicBool,
@@ -217,17 +230,10 @@ fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// The errno a failed origin call becomes.
-fn errno_of(err: &OriginError) -> Errno {
-    match err {
-        e if e.is_not_found() => Errno::ENOENT,
-        OriginError::WrongKind { .. } => Errno::ENOTDIR,
-        _ => Errno::EIO,
-    }
-}
-
 type Listed = std::result::Result<Arc<DirListing>, Errno>;
 type Meta = std::result::Result<EntryMeta, Errno>;
+/// An entry's metadata and when its origin gave it (ns since the epoch).
+type Entry = std::result::Result<(EntryMeta, u64), Errno>;
 
 impl Inner {
     /// The listing of `dir` from memory or the index, starting a background
@@ -343,8 +349,8 @@ impl Inner {
             return Ok(l);
         }
         self.list_origin(dir).await.map_err(|e| {
-            let errno = errno_of(&e);
-            if errno == Errno::EIO {
+            let errno = errno::of_origin(&e);
+            if errno::is_fault(errno) {
                 warn!(origin = %dir.origin, dir = %dir.path, error = %e, "cannot list a directory that is not cached");
             } else {
                 debug!(origin = %dir.origin, dir = %dir.path, error = %e, "cannot list a directory");
@@ -382,12 +388,22 @@ impl Inner {
     /// directory now rather than when the listing expires, so the next open
     /// sees the new version instead of failing again.
     fn file_changed(self: &Arc<Self>, ino: Ino) {
+        self.seen.lock().distrust(ino);
         if let Some(Node::Entry(key)) = self.inodes.node(ino) {
-            if let Some(parent) = key.path.parent() {
-                self.refresh_in_background(&NodeKey {
-                    origin: key.origin,
-                    path: parent,
-                });
+            self.refresh_parent(&key);
+        }
+    }
+
+    /// Drops the kernel's cached attributes of `ino` (not its pages: that
+    /// would wait on page locks of reads in flight, which wait on us;
+    /// `FUSE_AUTO_INVAL_DATA` drops pages once the new attributes differ).
+    fn forget_attributes(&self, ino: Ino) {
+        if let Some(notifier) = self.notifier.get() {
+            if let Err(e) = notifier.inval_inode(ino.into(), -1, 0) {
+                // ENOENT: the kernel has no such inode cached; nothing to do.
+                if e.raw_os_error() != Some(libc::ENOENT) {
+                    debug!(%ino, error = %e, "cannot invalidate cached attributes");
+                }
             }
         }
     }
@@ -434,10 +450,7 @@ impl Inner {
     /// in this mount was the same version, so the kernel's cached pages of
     /// it are still right.
     fn note_open(&self, ino: Ino, meta: &EntryMeta) -> bool {
-        self.opened
-            .lock()
-            .insert(ino, meta.clone())
-            .is_some_and(|previous| previous.same_version(meta))
+        self.seen.lock().note_open(ino, meta)
     }
 
     fn root_attr(&self) -> fuser::FileAttr {
@@ -550,12 +563,26 @@ impl MusicFs {
                 root_meta: RwLock::new(HashMap::new()),
                 files: Mutex::new(HashMap::new()),
                 dirs: Mutex::new(HashMap::new()),
-                opened: Mutex::new(HashMap::new()),
+                seen: Mutex::new(SeenFiles::default()),
+                unanswered: Mutex::new(HashMap::new()),
+                health: RwLock::new(None),
+                notifier: Arc::new(OnceLock::new()),
                 next_fh: AtomicU64::new(1),
                 trim_pending: AtomicBool::new(false),
                 timed_out: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// Where [`crate::mount`] puts the session's notifier.
+    pub(crate) fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
+        Arc::clone(&self.inner.notifier)
+    }
+
+    /// Lets opens skip their freshness check while `monitor` says an origin
+    /// is down (see `fresh`).
+    pub fn set_health(&self, monitor: Arc<HealthMonitor>) {
+        *self.inner.health.write() = Some(monitor);
     }
 
     /// For each origin (all at once): list its root, bounded by
@@ -613,15 +640,26 @@ impl MusicFs {
         });
     }
 
-    /// Runs `f` with the metadata of `key`, from its parent's listing (or
-    /// made up, for an origin's root).
-    fn with_meta<F>(&self, key: NodeKey, f: F)
+    /// Runs `f` with the metadata of `key` (inode `ino`): the newer of its
+    /// parent's listing entry and what an open last confirmed (or made up,
+    /// for an origin's root).
+    fn with_meta<F>(&self, ino: Ino, key: NodeKey, f: F)
     where
         F: FnOnce(&Arc<Inner>, Meta) + Send + 'static,
     {
+        self.with_entry(ino, key, move |inner, entry| {
+            f(inner, entry.map(|(meta, _)| meta))
+        });
+    }
+
+    /// [`Self::with_meta`] with the time the metadata was known.
+    fn with_entry<F>(&self, ino: Ino, key: NodeKey, f: F)
+    where
+        F: FnOnce(&Arc<Inner>, Entry) + Send + 'static,
+    {
         let (Some(parent), Some(name)) = (key.path.parent(), key.path.file_name()) else {
             let meta = self.inner.origin_root_meta(&key.origin);
-            f(&self.inner, Ok(meta));
+            f(&self.inner, Ok((meta, now_ns())));
             return;
         };
         let name = name.to_owned();
@@ -630,8 +668,11 @@ impl MusicFs {
             path: parent,
         };
         self.with_listing(dir, move |inner, listed| {
-            let meta = listed.and_then(|l| l.get(&name).cloned().ok_or(Errno::ENOENT));
-            f(inner, meta);
+            let entry = listed.and_then(|l| {
+                let meta = l.get(&name).cloned().ok_or(Errno::ENOENT)?;
+                Ok(inner.newest(ino, meta, l.fetched_at_ns))
+            });
+            f(inner, entry);
         });
     }
 
@@ -683,9 +724,11 @@ impl Filesystem for MusicFs {
                 let name = name.to_owned();
                 let origin = dir.origin.clone();
                 self.with_listing(dir, move |inner, listed| {
+                    let fetched_at_ns = listed.as_ref().map_or(0, |l| l.fetched_at_ns);
                     match listed.and_then(|l| l.get(&name).cloned().ok_or(Errno::ENOENT)) {
-                        Ok(meta) => {
+                        Ok(listed) => {
                             let ino = inner.inodes.ino_of(&NodeKey { origin, path });
+                            let (meta, _) = inner.newest(ino, listed, fetched_at_ns);
                             let attr = attr::entry_attr(ino, &meta, inner.owner);
                             reply.entry(&ttl, &attr, Generation(0));
                         }
@@ -707,7 +750,7 @@ impl Filesystem for MusicFs {
             Some(Node::Root) => reply.attr(&ttl, &self.inner.root_attr()),
             Some(Node::Entry(key)) => {
                 let ino = Ino::from(ino);
-                self.with_meta(key, move |inner, meta| match meta {
+                self.with_meta(ino, key, move |inner, meta| match meta {
                     Ok(meta) => reply.attr(&ttl, &attr::entry_attr(ino, &meta, inner.owner)),
                     Err(e) => reply.error(e),
                 });
@@ -731,16 +774,20 @@ impl Filesystem for MusicFs {
             Some(Node::Entry(key)) => key,
         };
         let ino = Ino::from(ino);
-        self.with_meta(key.clone(), move |inner, meta| {
-            let meta = match meta {
-                Ok(meta) if meta.kind == EntryKind::File => meta,
-                Ok(_) => return reply.error(Errno::EISDIR),
+        self.with_entry(ino, key.clone(), move |inner, entry| {
+            let (listed, listed_ns) = match entry {
+                Ok((meta, _)) if meta.kind != EntryKind::File => return reply.error(Errno::EISDIR),
+                Ok(entry) => entry,
                 Err(e) => return reply.error(e),
             };
             let inner = Arc::clone(inner);
-            // open_file is async (it reads the manifest), so it runs as a
-            // task even when the metadata was at hand.
+            // Async from here: the freshness check may ask the origin, and
+            // open_file reads the manifest.
             inner.rt.clone().spawn(async move {
+                let meta = match inner.fresh_meta(ino, &key, listed.clone(), listed_ns).await {
+                    Ok(meta) => meta,
+                    Err(e) => return reply.error(e),
+                };
                 match inner.cache.open_file(&key.origin, &key.path, &meta).await {
                     Ok(handle) => {
                         let keep = inner.note_open(ino, &meta);
@@ -749,13 +796,20 @@ impl Filesystem for MusicFs {
                         let flags = if keep {
                             FopenFlags::FOPEN_KEEP_CACHE
                         } else {
+                            // The kernel may still hold attributes of an
+                            // older version (they live `kernel_ttl`) and
+                            // would cut reads of a grown file at the old
+                            // size: make it ask again before the first
+                            // read. Sent before the reply, so it lands
+                            // before any read of this open.
+                            inner.forget_attributes(ino);
                             FopenFlags::empty()
                         };
                         reply.opened(Fh(fh), flags);
                     }
                     Err(e) => {
                         warn!(%ino, origin = %key.origin, path = %key.path, error = %e, "cannot open a file");
-                        reply.error(Errno::EIO);
+                        reply.error(errno::of_cas(&e));
                     }
                 }
             });
@@ -798,11 +852,14 @@ impl Filesystem for MusicFs {
                     reply.data(&data)
                 }
                 Ok(Err(e)) => {
-                    warn!(%ino, offset, size, path = %handle.path(), error = %e, "read failed");
+                    let errno = errno::of_cas(&e);
                     if matches!(e, CasError::OriginChanged { .. }) {
+                        info!(%ino, path = %handle.path(), error = %e, "file changed on the origin while open; this handle ends with ESTALE");
                         inner.file_changed(ino);
+                    } else {
+                        warn!(%ino, offset, size, path = %handle.path(), error = %e, "read failed");
                     }
-                    reply.error(Errno::EIO);
+                    reply.error(errno);
                 }
                 Err(_) => {
                     warn!(%ino, offset, size, path = %handle.path(), ?timeout, "read timed out; the origin may be hung");
@@ -957,6 +1014,76 @@ impl Filesystem for MusicFs {
             NAME_MAX,
             BLOCK_SIZE,
         );
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: Fh,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        quiet::ioctl(reply);
+    }
+
+    fn poll(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: Fh,
+        _ph: fuser::PollNotifier,
+        _events: fuser::PollEvents,
+        _flags: fuser::PollFlags,
+        reply: fuser::ReplyPoll,
+    ) {
+        quiet::poll(reply);
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: Fh,
+        _offset: i64,
+        _whence: i32,
+        reply: fuser::ReplyLseek,
+    ) {
+        quiet::lseek(reply);
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: Fh,
+        _lock_owner: LockOwner,
+        _start: u64,
+        _end: u64,
+        _typ: i32,
+        _pid: u32,
+        reply: fuser::ReplyLock,
+    ) {
+        quiet::getlk(reply);
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: Fh,
+        _lock_owner: LockOwner,
+        _start: u64,
+        _end: u64,
+        _typ: i32,
+        _pid: u32,
+        _sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        quiet::setlk(reply);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
@@ -1261,20 +1388,5 @@ mod tests {
         assert!(!fs.inner.note_open(Ino(5), &v2), "changed");
         assert!(fs.inner.note_open(Ino(5), &v2));
         assert!(!fs.inner.note_open(Ino(6), &v2), "another file");
-    }
-
-    #[test]
-    fn origin_errors_become_errnos() {
-        let origin = OriginId::new("o").unwrap();
-        let nf = OriginError::NotFound {
-            origin: origin.clone(),
-            path: "x".into(),
-        };
-        assert_eq!(errno_of(&nf), Errno::ENOENT);
-        let down = OriginError::Unavailable {
-            origin,
-            reason: "down".into(),
-        };
-        assert_eq!(errno_of(&down), Errno::EIO);
     }
 }

@@ -26,9 +26,11 @@
 //!   stable for the life of the mount; they are never reused while mounted.
 
 mod attr;
+mod errno;
 mod fs;
 mod inode;
 mod mount;
+mod versions;
 
 use std::io;
 use std::path::PathBuf;
@@ -53,6 +55,13 @@ pub struct FsConfig {
     /// How long the kernel may cache entries and attributes before asking
     /// again.
     pub kernel_ttl: Duration,
+    /// The staleness bound: a new open on a healthy origin binds to a
+    /// version the origin confirmed at most this long ago, asking it again
+    /// (`stat`) when what is known is older.
+    pub freshness: Duration,
+    /// How long an open waits for that confirmation before it binds to the
+    /// cached version (a hung NAS must not stall cached tracks).
+    pub revalidate_wait: Duration,
 }
 
 impl Default for FsConfig {
@@ -61,6 +70,8 @@ impl Default for FsConfig {
             read_timeout: Duration::from_secs(30),
             listing_ttl: Duration::from_secs(60),
             kernel_ttl: Duration::from_secs(1),
+            freshness: Duration::from_secs(2),
+            revalidate_wait: Duration::from_secs(1),
         }
     }
 }

@@ -12,180 +12,20 @@ use std::fs;
 use std::io::{ErrorKind, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirEntryExt, MetadataExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use musicfs_cas::{Cache, CacheConfig};
-use musicfs_fuse::{cleanup_stale_mount, mount, FsConfig, FuseError, Mounted, MusicFs};
-use musicfs_origins::{DynOrigin, LocalOrigin, OriginId, OriginPath};
+use musicfs_fuse::{cleanup_stale_mount, mount, FsConfig, FuseError, MusicFs};
+use musicfs_origins::DynOrigin;
 use musicfs_test_utils::{
     library_files, make_library, pseudo_random_bytes, write_file, Fault, FaultyOrigin, LibrarySpec,
     Ops,
 };
-use tempfile::TempDir;
-use tokio::runtime::Runtime;
 
-/// A mounted MusicFS with its runtime and cache; unmounts on drop.
-struct Harness {
-    mounted: Option<Mounted>,
-    mountpoint: TempDir,
-    rt: Option<Runtime>,
-    cache: Cache,
-    _cache_dir: TempDir,
-}
-
-/// A multi-thread runtime and a fresh 1 GiB cache in a temp dir.
-fn runtime_and_cache() -> (Runtime, TempDir, Cache) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
-    let cache_dir = tempfile::tempdir().unwrap();
-    let (cache, _) = rt
-        .block_on(Cache::open(CacheConfig::new(cache_dir.path(), 1 << 30)))
-        .unwrap();
-    (rt, cache_dir, cache)
-}
-
-impl Harness {
-    fn start(origins: Vec<DynOrigin>, config: FsConfig) -> Harness {
-        let (rt, cache_dir, cache) = runtime_and_cache();
-        let fs = MusicFs::new(cache.clone(), origins, config, rt.handle().clone());
-        rt.block_on(fs.preflight(Duration::from_secs(10))).unwrap();
-        let mountpoint = tempfile::tempdir().unwrap();
-        let mounted = mount(fs, mountpoint.path()).unwrap();
-        Harness {
-            mounted: Some(mounted),
-            mountpoint,
-            rt: Some(rt),
-            cache,
-            _cache_dir: cache_dir,
-        }
-    }
-
-    fn root(&self) -> &Path {
-        self.mountpoint.path()
-    }
-
-    /// Waits until the cache holds every chunk of `path` (the file must be
-    /// open meanwhile, or its ingest stops).
-    fn wait_cached(&self, origin: &str, path: &str) {
-        let origin = OriginId::new(origin).unwrap();
-        let path = OriginPath::new(path).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let manifest = self.cache.index().manifest(&origin, &path).unwrap();
-            if manifest.is_some_and(|m| m.is_complete()) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{path} was never fully cached");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        if let Some(mounted) = self.mounted.take() {
-            if let Err(e) = mounted.unmount() {
-                eprintln!("unmount failed: {e}");
-            }
-        }
-        // Whatever happened above, leave no mount behind.
-        unmount_leftover(self.mountpoint.path());
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_timeout(Duration::from_secs(5));
-        }
-    }
-}
-
-/// Unmounts `path` if it is still mounted: `fusermount3 -u`, then `-uz`.
-fn unmount_leftover(path: &Path) {
-    if is_mounted(path) {
-        let _ = Command::new("fusermount3").arg("-u").arg(path).status();
-    }
-    if is_mounted(path) {
-        let _ = Command::new("fusermount3").arg("-uz").arg(path).status();
-    }
-}
-
-/// Unmounts a mount point on drop, for mounts made by another process.
-struct MountGuard(PathBuf);
-
-impl Drop for MountGuard {
-    fn drop(&mut self) {
-        unmount_leftover(&self.0);
-    }
-}
-
-fn is_mounted(path: &Path) -> bool {
-    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .any(|mp| Path::new(mp) == path)
-}
-
-fn local(name: &str, root: &Path) -> DynOrigin {
-    Arc::new(LocalOrigin::new(OriginId::new(name).unwrap(), root))
-}
-
-/// Names in `dir`, leaving out symlinks (which MusicFS hides).
-fn names(dir: &Path) -> BTreeSet<String> {
-    fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap())
-        .filter(|e| !e.file_type().unwrap().is_symlink())
-        .map(|e| e.file_name().into_string().unwrap())
-        .collect()
-}
-
-/// Asserts that `mounted` shows the tree at `origin`: the same names per
-/// directory, kinds, sizes and mtimes.
-fn assert_same_tree(origin: &Path, mounted: &Path) {
-    assert_eq!(
-        names(origin),
-        names(mounted),
-        "listing of {}",
-        mounted.display()
-    );
-    for name in names(origin) {
-        let o = fs::symlink_metadata(origin.join(&name)).unwrap();
-        let m = fs::symlink_metadata(mounted.join(&name)).unwrap();
-        let what = mounted.join(&name);
-        assert_eq!(o.is_dir(), m.is_dir(), "kind of {}", what.display());
-        assert_eq!(o.is_file(), m.is_file(), "kind of {}", what.display());
-        assert_eq!(o.len(), m.len(), "size of {}", what.display());
-        assert_eq!(
-            o.modified().unwrap(),
-            m.modified().unwrap(),
-            "mtime of {}",
-            what.display()
-        );
-        if o.is_dir() {
-            assert_same_tree(&origin.join(&name), &mounted.join(&name));
-        }
-    }
-}
-
-/// Drops the kernel's cached pages of `path`, so the next read reaches
-/// MusicFS instead of the page cache.
-fn drop_page_cache(path: &Path) {
-    let file = fs::File::open(path).unwrap();
-    // SAFETY: the descriptor is open for the whole call (owned by `file`);
-    // fadvise only drops clean cached pages and touches no memory of ours.
-    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    assert_eq!(rc, 0, "posix_fadvise failed on {}", path.display());
-}
-
-fn errno(e: &std::io::Error) -> Option<i32> {
-    e.raw_os_error()
-}
+#[path = "support/harness.rs"]
+mod harness;
+use harness::*;
 
 #[test]
 fn library_is_served_byte_for_byte() {

@@ -1,0 +1,154 @@
+//! Freshness with a bound: which version of a file an open binds to.
+//!
+//! Layer: part of the filesystem proper (see `fs.rs`), between the cached
+//! listings and `Cache::open_file`.
+//!
+//! Invariants:
+//! - A new open on a healthy origin never binds to a version that the
+//!   origin replaced more than [`crate::FsConfig::freshness`] ago: when the
+//!   newest thing known about the file (its listing entry, or its last check
+//!   here) is older than that, the open asks the origin (`stat`) first. A
+//!   deleted file is `ENOENT`, a file that became a directory `EISDIR`, and
+//!   the parent's listing is refreshed so that `ls` agrees soon after.
+//! - A hung or down NAS never slows an open of a cached track by more than
+//!   [`crate::FsConfig::revalidate_wait`], once: the check is skipped while
+//!   the health monitor says the origin is unhealthy or while an earlier
+//!   check of it is still unanswered; a check that does not answer in time
+//!   is left running (so the health monitor sees the hang) and the open
+//!   binds to the cached version.
+//! - A fault (timeout, unreachable origin) is never taken as an answer: the
+//!   cached version is served. Only definite answers (not found, wrong kind,
+//!   permission) change what an open gets.
+//!
+//! A change that keeps size and mtime (`touch -r` after a rewrite) cannot
+//! be seen this way; only hashing the file could (see the runbook).
+
+use std::sync::Arc;
+
+use fuser::Errno;
+use musicfs_origins::{EntryKind, EntryMeta, OriginError};
+use tracing::{debug, info};
+
+use super::{duration_ns, now_ns, Inner, CLOCK_SKEW};
+use crate::errno;
+use crate::inode::NodeKey;
+use crate::Ino;
+
+impl Inner {
+    /// The version of `key` (inode `ino`) an open should bind to, given
+    /// the entry its parent's listing holds (`listed`, fetched at
+    /// `listed_ns`).
+    pub(super) async fn fresh_meta(
+        self: &Arc<Self>,
+        ino: Ino,
+        key: &NodeKey,
+        listed: EntryMeta,
+        listed_ns: u64,
+    ) -> std::result::Result<EntryMeta, Errno> {
+        let (meta, known_ns) = self.newest(ino, listed, listed_ns);
+        let now = now_ns();
+        let fresh = known_ns <= now.saturating_add(duration_ns(CLOCK_SKEW))
+            && now.saturating_sub(known_ns) <= duration_ns(self.config.freshness);
+        if fresh || !self.may_ask(key) {
+            return Ok(meta);
+        }
+        let Some(origin) = self.by_id.get(&key.origin).cloned() else {
+            return Ok(meta);
+        };
+        let inner = Arc::clone(self);
+        let task_key = key.clone();
+        // A task of its own, so that an answer arriving after the wait
+        // below still lands, and a hang goes on being seen by the health
+        // monitor's watch.
+        let check = self.rt.spawn(async move {
+            let asked_ns = now_ns();
+            let answer =
+                tokio::time::timeout(inner.config.read_timeout, origin.stat(&task_key.path)).await;
+            inner.unanswered.lock().remove(&task_key.origin);
+            match answer {
+                Ok(Ok(now)) => {
+                    inner.seen.lock().confirmed(ino, now.clone(), asked_ns);
+                    Ok(now)
+                }
+                Ok(Err(e)) => {
+                    if e.is_not_found() {
+                        inner.seen.lock().remove(ino);
+                    }
+                    Err(e)
+                }
+                Err(_) => Err(OriginError::Timeout {
+                    origin: task_key.origin.clone(),
+                    timeout: inner.config.read_timeout,
+                }),
+            }
+        });
+        let answer = match tokio::time::timeout(self.config.revalidate_wait, check).await {
+            Ok(Ok(answer)) => answer,
+            // The task panicked or was cancelled at shutdown.
+            Ok(Err(_)) => return Ok(meta),
+            Err(_) => {
+                info!(origin = %key.origin, path = %key.path, wait = ?self.config.revalidate_wait, "the origin did not confirm a file in time; opening the cached version");
+                self.unanswered
+                    .lock()
+                    .insert(key.origin.clone(), std::time::Instant::now());
+                return Ok(meta);
+            }
+        };
+        match answer {
+            Ok(now) if now.kind == EntryKind::File => {
+                if !now.same_version(&meta) {
+                    debug!(origin = %key.origin, path = %key.path, old = ?meta, new = ?now, "file changed on the origin; opening the new version");
+                    self.refresh_parent(key);
+                }
+                Ok(now)
+            }
+            Ok(_) => {
+                self.refresh_parent(key);
+                Err(Errno::EISDIR)
+            }
+            Err(e) => {
+                let errno = errno::of_origin(&e);
+                if errno::is_fault(errno) {
+                    debug!(origin = %key.origin, path = %key.path, error = %e, "cannot confirm a file; opening the cached version");
+                    Ok(meta)
+                } else {
+                    self.refresh_parent(key);
+                    Err(errno)
+                }
+            }
+        }
+    }
+
+    /// The newer of a listing entry and what an open here last confirmed,
+    /// with the time it was known.
+    pub(super) fn newest(&self, ino: Ino, listed: EntryMeta, listed_ns: u64) -> (EntryMeta, u64) {
+        match self.seen.lock().get(ino) {
+            Some(seen) if seen.checked_ns > listed_ns => (seen.meta.clone(), seen.checked_ns),
+            _ => (listed, listed_ns),
+        }
+    }
+
+    /// Whether an open may wait for the origin: not while the health
+    /// monitor says it is down, nor while an earlier check of it is still
+    /// unanswered.
+    fn may_ask(&self, key: &NodeKey) -> bool {
+        if self.unanswered.lock().contains_key(&key.origin) {
+            return false;
+        }
+        let health = self.health.read();
+        !health
+            .as_ref()
+            .and_then(|h| h.status(&key.origin))
+            .is_some_and(|s| s.state == musicfs_origins::HealthState::Unhealthy)
+    }
+
+    /// Refreshes the listing `key` is in, now rather than when it expires.
+    pub(super) fn refresh_parent(self: &Arc<Self>, key: &NodeKey) {
+        if let Some(parent) = key.path.parent() {
+            self.refresh_in_background(&NodeKey {
+                origin: key.origin.clone(),
+                path: parent,
+            });
+        }
+    }
+}
