@@ -653,7 +653,7 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, OriginError::HiddenSymlink { .. }), "{err}");
 
-        // Not a symlink; and no default from a served one either.
+        // `read_link` of anything but a symlink is the wrong kind.
         let err = origin.read_link(&p("Björk.mp3")).await.unwrap_err();
         assert!(
             matches!(
