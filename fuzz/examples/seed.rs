@@ -11,6 +11,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a one-shot tool: a failure is the message
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use musicfs_cas::index::ChunkRecord;
@@ -44,21 +46,21 @@ fn manifest(size: u64, mtime_ns: Option<i64>, etag: Option<&str>, chunks: &[u32]
 }
 
 fn entry(
-    name: &str,
+    name: &[u8],
     kind: EntryKind,
     size: u64,
     mtime_ns: Option<i64>,
     etag: Option<&str>,
 ) -> DirEntry {
-    DirEntry {
-        name: name.to_owned(),
-        meta: EntryMeta {
+    DirEntry::new(
+        OsStr::from_bytes(name),
+        EntryMeta {
             kind,
             size,
             mtime_ns,
             etag: etag.map(str::to_owned),
         },
-    }
+    )
 }
 
 fn album() -> Listing {
@@ -66,21 +68,26 @@ fn album() -> Listing {
         fetched_at_ns: 1_700_000_000_123_456_789,
         entries: vec![
             entry(
-                "cover.jpg",
+                b"cover.jpg",
                 EntryKind::File,
                 48_213,
                 Some(1_600_000_000_000_000_000),
                 None,
             ),
             entry(
-                "01 - Tide \"north\".flac",
+                "01 - Tide \"north\".flac".as_bytes(),
                 EntryKind::File,
                 31_457_280,
                 Some(-1),
                 Some("\"9f2c\""),
             ),
-            entry("坂本龍一", EntryKind::Dir, 0, None, None),
-            entry("latest", EntryKind::Symlink, 12, Some(0), None),
+            entry("坂本龍一".as_bytes(), EntryKind::Dir, 0, None, None),
+            // An old Latin-1 rip: names are bytes.
+            entry(b"Bj\xf6rk", EntryKind::Dir, 0, Some(1), None),
+            DirEntry {
+                link_target: Some(PathBuf::from("../2019/latest")),
+                ..entry(b"latest", EntryKind::Symlink, 14, Some(0), None)
+            },
         ],
     }
 }
@@ -117,6 +124,26 @@ fn write_listings() {
     };
     std::fs::write(d.join("empty"), empty.encode()).unwrap();
     std::fs::write(d.join("album"), album().encode()).unwrap();
+    std::fs::write(d.join("v1-album"), v1_listing()).unwrap();
+}
+
+/// A listing as releases before `MFL2` wrote it (still decoded, without
+/// its symlinks): magic, time, count, then per entry a UTF-8 name, kind,
+/// size, mtime and etag, and no link target.
+fn v1_listing() -> Vec<u8> {
+    let mut out = b"MFL1".to_vec();
+    out.extend_from_slice(&1_600_000_000_000_000_000u64.to_le_bytes());
+    out.extend_from_slice(&2u32.to_le_bytes());
+    for (name, kind) in [("cover.jpg", 0u8), ("latest", 2u8)] {
+        out.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.push(kind);
+        out.extend_from_slice(&48_213u64.to_le_bytes());
+        out.push(1);
+        out.extend_from_slice(&1_600_000_000_000_000_000i64.to_le_bytes());
+        out.push(0);
+    }
+    out
 }
 
 fn write_chunk_records() {

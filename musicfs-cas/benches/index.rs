@@ -49,14 +49,16 @@ fn listing(n: usize) -> Listing {
     Listing {
         fetched_at_ns: 1_700_000_000_000_000_000,
         entries: (0..n)
-            .map(|i| DirEntry {
-                name: format!("{i:03} - A track with a realistic title.flac"),
-                meta: EntryMeta {
-                    kind: EntryKind::File,
-                    size: 30_000_000 + i as u64,
-                    mtime_ns: Some(1_700_000_000_000_000_000),
-                    etag: None,
-                },
+            .map(|i| {
+                DirEntry::new(
+                    format!("{i:03} - A track with a realistic title.flac"),
+                    EntryMeta {
+                        kind: EntryKind::File,
+                        size: 30_000_000 + i as u64,
+                        mtime_ns: Some(1_700_000_000_000_000_000),
+                        etag: None,
+                    },
+                )
             })
             .collect(),
     }

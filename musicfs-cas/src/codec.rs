@@ -14,8 +14,13 @@ pub(crate) fn corrupt(what: &'static str, reason: &str) -> CasError {
 
 /// A u32-length-prefixed UTF-8 string.
 pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
+    put_bytes(out, s.as_bytes());
+}
+
+/// u32-length-prefixed bytes (a name, which on Linux need not be UTF-8).
+pub(crate) fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
 }
 
 /// An optional mtime: a flag byte, then the value when present.
@@ -108,8 +113,13 @@ impl<'a> Reader<'a> {
 
     /// What [`put_str`] wrote.
     pub(crate) fn string(&mut self) -> Result<String> {
-        let n = self.u32()? as usize;
-        let raw = self.take(n)?;
+        let raw = self.bytes()?;
         String::from_utf8(raw.to_vec()).map_err(|_| self.corrupt("text is not UTF-8"))
+    }
+
+    /// What [`put_bytes`] wrote.
+    pub(crate) fn bytes(&mut self) -> Result<&'a [u8]> {
+        let n = self.u32()? as usize;
+        self.take(n)
     }
 }

@@ -405,19 +405,21 @@ fn remove_old_broken_copies(path: &Path) {
     }
 }
 
+/// Origin name, NUL, then the path's exact bytes (which need not be UTF-8
+/// and never hold a NUL, so the split is unambiguous).
 fn manifest_key(origin: &OriginId, path: &OriginPath) -> Vec<u8> {
-    let mut k = Vec::with_capacity(origin.as_str().len() + 1 + path.as_str().len());
+    let mut k = Vec::with_capacity(origin.as_str().len() + 1 + path.as_bytes().len());
     k.extend_from_slice(origin.as_str().as_bytes());
     k.push(0);
-    k.extend_from_slice(path.as_str().as_bytes());
+    k.extend_from_slice(path.as_bytes());
     k
 }
 
 fn decode_manifest_key(k: &[u8]) -> Option<(OriginId, OriginPath)> {
     let split = k.iter().position(|&b| b == 0)?;
     let origin = std::str::from_utf8(&k[..split]).ok()?;
-    let path = std::str::from_utf8(&k[split + 1..]).ok()?;
-    Some((OriginId::new(origin).ok()?, OriginPath::new(path).ok()?))
+    let path = OriginPath::from_bytes(&k[split + 1..]).ok()?;
+    Some((OriginId::new(origin).ok()?, path))
 }
 
 pub(crate) fn unix_secs() -> u64 {
@@ -483,6 +485,56 @@ mod tests {
         let all = idx.manifests().unwrap();
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].key.as_ref().unwrap().1, p);
+    }
+
+    #[test]
+    fn non_utf8_paths_are_keys_of_their_own() {
+        use musicfs_origins::{DirEntry, EntryKind, EntryMeta};
+        use std::ffi::OsStr;
+        use std::os::unix::ffi::OsStrExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let (idx, _) = Index::open(&dir.path().join("index.sled")).unwrap();
+        let o = OriginId::new("lib").unwrap();
+        // Latin-1 "Björk" and its UTF-8 spelling are two different names.
+        let latin1 = OriginPath::from_bytes(b"Bj\xf6rk/a.flac").unwrap();
+        let utf8 = OriginPath::new("Björk/a.flac").unwrap();
+        let manifest = |size| {
+            Manifest::new(FileVersion {
+                size,
+                mtime_ns: None,
+                etag: None,
+            })
+        };
+        idx.put_manifest(&o, &latin1, &manifest(1)).unwrap();
+        idx.put_manifest(&o, &utf8, &manifest(2)).unwrap();
+        assert_eq!(idx.manifest(&o, &latin1).unwrap(), Some(manifest(1)));
+        assert_eq!(idx.manifest(&o, &utf8).unwrap(), Some(manifest(2)));
+        let mut keys: Vec<OriginPath> = idx
+            .manifests()
+            .unwrap()
+            .into_iter()
+            .map(|e| e.key.unwrap().1)
+            .collect();
+        keys.sort();
+        assert_eq!(keys, [utf8.clone(), latin1.clone()], "sorted by bytes");
+
+        let album = latin1.parent().unwrap();
+        let listing = Listing {
+            fetched_at_ns: 1,
+            entries: vec![DirEntry::new(
+                OsStr::from_bytes(b"J\xf3ga.flac"),
+                EntryMeta {
+                    kind: EntryKind::File,
+                    size: 3,
+                    mtime_ns: None,
+                    etag: None,
+                },
+            )],
+        };
+        idx.put_listing(&o, &album, &listing).unwrap();
+        assert_eq!(idx.listing(&o, &album).unwrap(), Some(listing));
+        assert_eq!(idx.listing(&o, &utf8.parent().unwrap()).unwrap(), None);
     }
 
     #[test]

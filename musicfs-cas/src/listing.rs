@@ -4,14 +4,28 @@
 //! A [`Listing`] is one directory's entries with their metadata as the
 //! origin last reported them, and when (`fetched_at_ns`, wall clock) so the
 //! filesystem can decide when to refresh. Decoding treats the bytes as
-//! untrusted: damage is a [`CasError::CorruptRecord`], never a panic.
+//! untrusted: damage is a [`CasError::CorruptRecord`], never a panic, and a
+//! record that decodes names only single components and carries link
+//! targets only on symlinks.
+//!
+//! Format `MFL2`: names are bytes (Linux names need not be UTF-8) and each
+//! entry may carry the symlink target the origin checked. `MFL1` records,
+//! written before symlinks were served, still decode so that a library
+//! stays browsable offline across an upgrade; their symlink entries are
+//! dropped, since nothing checked where those lead.
 
-use musicfs_origins::{DirEntry, EntryKind, EntryMeta};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
 
-use crate::codec::{put_opt_i64, put_opt_str, put_str, Reader};
+use musicfs_origins::{DirEntry, EntryKind, EntryMeta, OriginPath};
+
+use crate::codec::{put_bytes, put_opt_i64, put_opt_str, Reader};
 use crate::{CasError, Result};
 
-const MAGIC: &[u8; 4] = b"MFL1";
+const MAGIC: &[u8; 4] = b"MFL2";
+/// Before names were bytes and symlinks served; no link targets.
+const MAGIC_V1: &[u8; 4] = b"MFL1";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listing {
@@ -27,7 +41,7 @@ impl Listing {
         out.extend_from_slice(&self.fetched_at_ns.to_le_bytes());
         out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
         for e in &self.entries {
-            put_str(&mut out, &e.name);
+            put_bytes(&mut out, e.name.as_bytes());
             out.push(match e.meta.kind {
                 EntryKind::File => 0,
                 EntryKind::Dir => 1,
@@ -36,25 +50,38 @@ impl Listing {
             out.extend_from_slice(&e.meta.size.to_le_bytes());
             put_opt_i64(&mut out, e.meta.mtime_ns);
             put_opt_str(&mut out, e.meta.etag.as_deref());
+            match &e.link_target {
+                Some(t) => {
+                    out.push(1);
+                    put_bytes(&mut out, t.as_os_str().as_bytes());
+                }
+                None => out.push(0),
+            }
         }
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self> {
         let mut r = Reader::new(bytes, "listing");
-        if r.take(4)? != MAGIC {
-            return Err(corrupt("bad magic"));
-        }
+        let v1 = match r.take(4)? {
+            m if m == MAGIC => false,
+            m if m == MAGIC_V1 => true,
+            _ => return Err(corrupt("bad magic")),
+        };
         let fetched_at_ns = r.u64()?;
         let count = r.u32()? as usize;
-        // Every entry takes at least 14 bytes: refuse counts the bytes
-        // cannot hold before allocating for them.
-        if count > r.remaining() / 14 {
+        // Every entry takes at least 14 bytes (16 since MFL2): refuse counts
+        // the bytes cannot hold before allocating for them.
+        let min_entry = if v1 { 14 } else { 16 };
+        if count > r.remaining() / min_entry {
             return Err(corrupt("entry count larger than the record"));
         }
         let mut entries = Vec::with_capacity(count);
         for _ in 0..count {
-            let name = r.string()?;
+            let name = OsStr::from_bytes(r.bytes()?);
+            if !OriginPath::is_valid_name(name) {
+                return Err(corrupt("an entry name is not a single component"));
+            }
             let kind = match r.u8()? {
                 0 => EntryKind::File,
                 1 => EntryKind::Dir,
@@ -64,14 +91,19 @@ impl Listing {
             let size = r.u64()?;
             let mtime_ns = r.opt_i64()?;
             let etag = r.opt_string()?;
+            let link_target = if v1 { None } else { link_target(&mut r, kind)? };
+            if v1 && kind == EntryKind::Symlink {
+                continue;
+            }
             entries.push(DirEntry {
-                name,
+                name: name.to_owned(),
                 meta: EntryMeta {
                     kind,
                     size,
                     mtime_ns,
                     etag,
                 },
+                link_target,
             });
         }
         if r.remaining() != 0 {
@@ -84,6 +116,25 @@ impl Listing {
     }
 }
 
+/// An entry's optional link target: only a symlink has one, and it is a
+/// non-empty path without NUL.
+fn link_target(r: &mut Reader<'_>, kind: EntryKind) -> Result<Option<PathBuf>> {
+    match r.u8()? {
+        0 => Ok(None),
+        1 => {
+            let t = r.bytes()?;
+            if kind != EntryKind::Symlink {
+                return Err(corrupt("a link target on an entry that is no symlink"));
+            }
+            if t.is_empty() || t.contains(&0) {
+                return Err(corrupt("an unusable link target"));
+            }
+            Ok(Some(PathBuf::from(OsStr::from_bytes(t))))
+        }
+        _ => Err(corrupt("bad link target flag")),
+    }
+}
+
 fn corrupt(reason: &str) -> CasError {
     crate::codec::corrupt("listing", reason)
 }
@@ -93,46 +144,129 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn meta(kind: EntryKind, size: u64) -> EntryMeta {
+        EntryMeta {
+            kind,
+            size,
+            mtime_ns: Some(-1),
+            etag: None,
+        }
+    }
+
     fn sample() -> Listing {
         Listing {
             fetched_at_ns: 42,
             entries: vec![
-                DirEntry {
-                    name: "坂本龍一".into(),
-                    meta: EntryMeta {
-                        kind: EntryKind::Dir,
-                        size: 0,
-                        mtime_ns: Some(-1),
-                        etag: None,
-                    },
-                },
-                DirEntry {
-                    name: "01 - Tide \"north\".flac".into(),
-                    meta: EntryMeta {
+                DirEntry::new("坂本龍一", meta(EntryKind::Dir, 0)),
+                DirEntry::new(
+                    "01 - Tide \"north\".flac",
+                    EntryMeta {
                         kind: EntryKind::File,
                         size: 123,
                         mtime_ns: None,
                         etag: Some("e".into()),
                     },
+                ),
+                DirEntry::new(OsStr::from_bytes(b"Bj\xf6rk"), meta(EntryKind::Dir, 0)),
+                DirEntry {
+                    name: OsStr::from_bytes(b"J\xf3ga \xff.flac").to_owned(),
+                    meta: meta(EntryKind::Symlink, 22),
+                    link_target: Some(PathBuf::from(OsStr::from_bytes(
+                        b"../Bj\xf6rk/J\xf3ga.flac",
+                    ))),
                 },
             ],
         }
     }
 
     #[test]
-    fn round_trips() {
+    fn round_trips_with_byte_names_and_link_targets() {
         let l = sample();
+        let encoded = l.encode();
+        assert_eq!(&encoded[..4], b"MFL2");
+        assert_eq!(Listing::decode(&encoded).unwrap(), l);
+    }
+
+    /// An `MFL1` record as the previous release wrote it.
+    fn v1_record() -> Vec<u8> {
+        let mut out = b"MFL1".to_vec();
+        out.extend_from_slice(&7u64.to_le_bytes());
+        out.extend_from_slice(&2u32.to_le_bytes());
+        for (name, kind) in [("Album", 1u8), ("link", 2u8)] {
+            put_bytes(&mut out, name.as_bytes());
+            out.push(kind);
+            out.extend_from_slice(&9u64.to_le_bytes());
+            put_opt_i64(&mut out, Some(5));
+            put_opt_str(&mut out, None);
+        }
+        out
+    }
+
+    #[test]
+    fn old_records_decode_without_their_unchecked_symlinks() {
+        let l = Listing::decode(&v1_record()).unwrap();
+        assert_eq!(l.fetched_at_ns, 7);
+        assert_eq!(l.entries.len(), 1);
+        assert_eq!(l.entries[0].name, "Album");
+        assert_eq!(l.entries[0].meta.kind, EntryKind::Dir);
+        assert_eq!(l.entries[0].link_target, None);
+    }
+
+    #[test]
+    fn names_and_targets_are_checked() {
+        let with = |name: &[u8], kind, target: Option<&[u8]>| Listing {
+            fetched_at_ns: 1,
+            entries: vec![DirEntry {
+                name: OsStr::from_bytes(name).to_owned(),
+                meta: meta(kind, 1),
+                link_target: target.map(|t| PathBuf::from(OsStr::from_bytes(t))),
+            }],
+        };
+        for bad in [
+            with(b"", EntryKind::File, None),
+            with(b"..", EntryKind::Dir, None),
+            with(b"a/b", EntryKind::File, None),
+            with(b"a\0b", EntryKind::File, None),
+            with(b"f", EntryKind::File, Some(b"x")),
+            with(b"l", EntryKind::Symlink, Some(b"")),
+            with(b"l", EntryKind::Symlink, Some(b"a\0")),
+        ] {
+            assert!(Listing::decode(&bad.encode()).is_err(), "{bad:?}");
+        }
+        // A symlink without a target is fine: the origin is asked for it.
+        let l = with(b"l", EntryKind::Symlink, None);
         assert_eq!(Listing::decode(&l.encode()).unwrap(), l);
     }
 
     proptest! {
         #[test]
         fn damaged_listings_never_panic(pos in 0usize..200, val in any::<u8>(), cut in 0usize..200) {
-            let mut b = sample().encode();
-            let p = pos % b.len();
-            b[p] = val;
-            b.truncate(cut.min(b.len()));
-            let _ = Listing::decode(&b);
+            for mut b in [sample().encode(), v1_record()] {
+                let p = pos % b.len();
+                b[p] = val;
+                b.truncate(cut.min(b.len()));
+                // What decodes has one spelling (the fuzz target's check).
+                if let Ok(l) = Listing::decode(&b) {
+                    if b.starts_with(MAGIC) {
+                        prop_assert_eq!(l.encode(), b);
+                    } else {
+                        prop_assert_eq!(Listing::decode(&l.encode()).unwrap(), l);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn any_valid_names_round_trip(
+            names in prop::collection::vec(prop::collection::vec(1u8..=255, 1..12), 0..8),
+        ) {
+            let entries: Vec<DirEntry> = names
+                .iter()
+                .filter(|n| OriginPath::is_valid_name(OsStr::from_bytes(n)))
+                .map(|n| DirEntry::new(OsStr::from_bytes(n), meta(EntryKind::File, n.len() as u64)))
+                .collect();
+            let l = Listing { fetched_at_ns: 3, entries };
+            prop_assert_eq!(Listing::decode(&l.encode()).unwrap(), l);
         }
     }
 }

@@ -6,7 +6,9 @@
 //! Invariants: sizes, kinds and mtimes are the origin's, unchanged (atime and
 //! ctime are the mtime, since MusicFS cannot know better); modes say
 //! read-only (0444 files, 0555 directories) whatever the origin's are, since
-//! nothing here is writable; owner is the user who mounted.
+//! nothing here is writable; symlinks are 0777 like every symlink on Linux
+//! (their mode is never checked) and their size is the served target's
+//! length; owner is the user who mounted.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -48,7 +50,7 @@ pub(crate) fn time_of(mtime_ns: Option<i64>) -> SystemTime {
     }
 }
 
-/// The kernel's file type for an entry that is shown (symlinks never are).
+/// The kernel's file type for an entry.
 pub(crate) fn file_type(kind: EntryKind) -> FileType {
     match kind {
         EntryKind::Dir => FileType::Directory,
@@ -71,6 +73,7 @@ pub(crate) fn dir_attr(ino: Ino, size: u64, mtime: SystemTime, owner: Owner) -> 
 fn build(ino: Ino, kind: FileType, size: u64, mtime: SystemTime, owner: Owner) -> FileAttr {
     let (perm, nlink) = match kind {
         FileType::Directory => (0o555, 2),
+        FileType::Symlink => (0o777, 1),
         _ => (0o444, 1),
     };
     FileAttr {
@@ -122,6 +125,14 @@ mod tests {
         };
         let d = entry_attr(Ino(6), &dir, owner);
         assert_eq!((d.kind, d.perm, d.nlink), (FileType::Directory, 0o555, 2));
+
+        let link = EntryMeta {
+            kind: EntryKind::Symlink,
+            size: 12,
+            ..dir
+        };
+        let l = entry_attr(Ino(7), &link, owner);
+        assert_eq!((l.kind, l.perm, l.size), (FileType::Symlink, 0o777, 12));
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! | `NotFound` (deleted on the origin) | `ENOENT` | the file or directory is not there; a refreshed listing agrees |
 //! | `WrongKind`, a directory was expected | `ENOTDIR` | a path component is a file on the origin |
 //! | `WrongKind`, a file was expected | `EISDIR` | the name is a directory on the origin now |
-//! | `OutsideRoot` (a symlink leaving the library) | `ENOENT` | such links are hidden, so there is nothing by that name |
+//! | `OutsideRoot`, `HiddenSymlink` (a symlink leaving the library or leading nowhere) | `ENOENT` | such links are hidden, so there is nothing by that name |
+//! | `Unsupported` (e.g. `readlink` on an origin without symlinks) | `EINVAL` | what `readlink` answers for something that is not a link it can read |
 //! | `InvalidPath`, `InvalidName` | `ENOENT` | no origin can hold such a name, so nothing is there |
 //! | `PermissionDenied` | `EACCES` | the daemon's user may not read it on the origin; what the user must fix |
 //! | `Changed` / `OriginChanged` (changed while read) | `ESTALE` | the handle is bound to a version the origin no longer has. `ESTALE` ("stale file handle") is what NFS answers in the same case and says exactly what to do: open the file again, which reads the new version. `EIO` would read as a broken disk, `ENOENT` as a deleted file |
@@ -28,6 +29,7 @@ use musicfs_origins::OriginError;
 pub(crate) fn of_origin(err: &OriginError) -> Errno {
     match err {
         OriginError::NotFound { .. }
+        | OriginError::HiddenSymlink { .. }
         | OriginError::OutsideRoot { .. }
         | OriginError::InvalidPath { .. }
         | OriginError::InvalidName { .. } => Errno::ENOENT,
@@ -36,6 +38,7 @@ pub(crate) fn of_origin(err: &OriginError) -> Errno {
         } => Errno::EISDIR,
         OriginError::WrongKind { .. } => Errno::ENOTDIR,
         OriginError::PermissionDenied { .. } => Errno::EACCES,
+        OriginError::Unsupported { .. } => Errno::EINVAL,
         OriginError::Changed { .. } => Errno::ESTALE,
         OriginError::TooManyOpenFiles { .. }
         | OriginError::Unavailable { .. }

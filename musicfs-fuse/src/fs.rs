@@ -23,14 +23,23 @@
 //!   `listing_ttl` (at least a second), so a dead origin is not hammered.
 //! - Directory streams are snapshots taken at `opendir`, so a refresh in the
 //!   middle of a long `readdir` cannot skip or repeat entries.
+//! - Names are bytes: the kernel's `OsStr` is matched against the origin's
+//!   names byte for byte, UTF-8 or not.
+//! - A symlink is shown when its origin listed it (origins list only the
+//!   ones whose target resolves inside their root) and `readlink` answers
+//!   the target the listing holds, checked then by the origin, so it is as
+//!   fresh as the listing; an origin that lists no targets is asked on each
+//!   `readlink`. Whatever its source, a target that is absolute or climbs
+//!   above the origin's directory as written is never handed to the kernel.
 //! - `open` pins the version from the cached listing (the cache serves only
 //!   that version's chunks), and keeps the kernel page cache
 //!   (`FOPEN_KEEP_CACHE`) only when that version equals the one of the
 //!   previous open of the inode in this mount.
 
 use std::collections::{HashMap, VecDeque};
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fmt;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -152,11 +161,11 @@ struct OpenFile {
 struct DirItem {
     ino: Ino,
     kind: FileType,
-    name: String,
+    name: OsString,
 }
 
-/// One directory's visible entries (files and directories; symlinks are
-/// dropped here, which is what hides them everywhere), sorted by name.
+/// One directory's entries (files, directories and the symlinks the origin
+/// chose to show), sorted by name bytes.
 #[derive(Debug)]
 struct DirListing {
     fetched_at_ns: u64,
@@ -165,11 +174,7 @@ struct DirListing {
 
 impl DirListing {
     fn new(listing: Listing) -> Self {
-        let mut entries: Vec<DirEntry> = listing
-            .entries
-            .into_iter()
-            .filter(|e| e.meta.kind != EntryKind::Symlink)
-            .collect();
+        let mut entries = listing.entries;
         entries.sort_by(|a, b| a.name.cmp(&b.name));
         // An origin never lists a name twice; if one did, the first wins,
         // as for a lookup.
@@ -180,11 +185,15 @@ impl DirListing {
         }
     }
 
-    fn get(&self, name: &str) -> Option<&EntryMeta> {
+    fn get(&self, name: &OsStr) -> Option<&EntryMeta> {
+        self.entry(name).map(|e| &e.meta)
+    }
+
+    fn entry(&self, name: &OsStr) -> Option<&DirEntry> {
         self.entries
-            .binary_search_by(|e| e.name.as_str().cmp(name))
+            .binary_search_by(|e| e.name.as_os_str().cmp(name))
             .ok()
-            .map(|i| &self.entries[i].meta)
+            .map(|i| &self.entries[i])
     }
 
     fn is_stale(&self, ttl: Duration) -> bool {
@@ -457,10 +466,10 @@ impl Inner {
         attr::dir_attr(Ino::ROOT, 0, self.started, self.owner)
     }
 
-    fn origin_root_key(&self, name: &str) -> Option<NodeKey> {
+    fn origin_root_key(&self, name: &OsStr) -> Option<NodeKey> {
         self.origins
             .iter()
-            .find(|o| o.id().as_str() == name)
+            .find(|o| o.id().as_str().as_bytes() == name.as_bytes())
             .map(|o| NodeKey {
                 origin: o.id().clone(),
                 path: OriginPath::root(),
@@ -700,11 +709,6 @@ impl Filesystem for MusicFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let ttl = self.inner.config.kernel_ttl;
-        // Names come from origins as UTF-8; no other name can exist here.
-        let Some(name) = name.to_str() else {
-            reply.error(Errno::ENOENT);
-            return;
-        };
         match self.node(parent) {
             None => reply.error(Errno::ENOENT),
             Some(Node::Root) => match self.inner.origin_root_key(name) {
@@ -758,9 +762,54 @@ impl Filesystem for MusicFs {
         }
     }
 
-    fn readlink(&self, _req: &Request, _ino: INodeNo, reply: ReplyData) {
-        // Symlinks are never shown, so nothing here is one.
-        reply.error(Errno::EINVAL);
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let key = match self.node(ino) {
+            None => return reply.error(Errno::ENOENT),
+            Some(Node::Root) => return reply.error(Errno::EINVAL),
+            Some(Node::Entry(key)) => key,
+        };
+        let (Some(parent), Some(name)) = (key.path.parent(), key.path.file_name()) else {
+            // An origin's root is a directory.
+            return reply.error(Errno::EINVAL);
+        };
+        let name = name.to_owned();
+        let dir = NodeKey {
+            origin: key.origin.clone(),
+            path: parent,
+        };
+        let ino = Ino::from(ino);
+        self.with_listing(dir, move |inner, listed| {
+            let entry = match listed.and_then(|l| l.entry(&name).cloned().ok_or(Errno::ENOENT)) {
+                Ok(entry) if entry.meta.kind == EntryKind::Symlink => entry,
+                Ok(_) => return reply.error(Errno::EINVAL),
+                Err(e) => return reply.error(e),
+            };
+            if let Some(target) = entry.link_target {
+                return reply_link(&key, &target, reply);
+            }
+            let Some(origin) = inner.by_id.get(&key.origin).cloned() else {
+                return reply.error(Errno::ENOENT);
+            };
+            let inner = Arc::clone(inner);
+            let timeout = inner.config.read_timeout;
+            inner.rt.clone().spawn(async move {
+                match tokio::time::timeout(timeout, origin.read_link(&key.path)).await {
+                    Ok(Ok(target)) => reply_link(&key, &target, reply),
+                    Ok(Err(e)) => {
+                        debug!(origin = %key.origin, path = %key.path, error = %e, "cannot read a symlink");
+                        if e.is_not_found() {
+                            // Hidden or gone now: the listing is out of date.
+                            inner.file_changed(ino);
+                        }
+                        reply.error(errno::of_origin(&e));
+                    }
+                    Err(_) => {
+                        warn!(origin = %key.origin, path = %key.path, ?timeout, "readlink timed out; the origin may be hung");
+                        reply.error(Errno::EIO);
+                    }
+                }
+            });
+        });
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -915,7 +964,7 @@ impl Filesystem for MusicFs {
                     items.push(DirItem {
                         ino: self.inner.inodes.ino_of(&key),
                         kind: FileType::Directory,
-                        name: origin.id().as_str().to_owned(),
+                        name: origin.id().as_str().into(),
                     });
                 }
                 let fh = self.inner.open_dir_snapshot(items);
@@ -1293,7 +1342,18 @@ fn dot(name: &str, ino: Ino) -> DirItem {
     DirItem {
         ino,
         kind: FileType::Directory,
-        name: name.to_owned(),
+        name: name.into(),
+    }
+}
+
+/// Answers a `readlink` of `key` with `target`, unless the target could
+/// lead the kernel out of the origin's directory (see the module docs).
+fn reply_link(key: &NodeKey, target: &Path, reply: ReplyData) {
+    if key.path.lexical_link_target(target).is_some() {
+        reply.data(target.as_os_str().as_bytes());
+    } else {
+        warn!(origin = %key.origin, path = %key.path, ?target, "not serving a symlink target that is absolute or leaves the origin");
+        reply.error(Errno::ENOENT);
     }
 }
 
@@ -1302,33 +1362,53 @@ mod tests {
     use super::*;
 
     fn entry(name: &str, kind: EntryKind) -> DirEntry {
-        DirEntry {
-            name: name.to_owned(),
-            meta: EntryMeta {
+        DirEntry::new(
+            name,
+            EntryMeta {
                 kind,
                 size: 1,
                 mtime_ns: Some(1),
                 etag: None,
             },
-        }
+        )
     }
 
     #[test]
-    fn listings_hide_symlinks_and_find_names() {
+    fn listings_keep_symlinks_and_find_names_by_bytes() {
+        let latin1 = OsStr::from_bytes(b"Bj\xf6rk");
         let l = DirListing::new(Listing {
             fetched_at_ns: now_ns(),
             entries: vec![
                 entry("b.flac", EntryKind::File),
                 entry("link", EntryKind::Symlink),
+                DirEntry::new(latin1, entry("", EntryKind::Dir).meta),
                 entry("Björk — 世界", EntryKind::Dir),
                 entry("a.mp3", EntryKind::File),
             ],
         });
-        let names: Vec<_> = l.entries.iter().map(|e| e.name.as_str()).collect();
-        assert_eq!(names, ["Björk — 世界", "a.mp3", "b.flac"]);
-        assert!(l.get("link").is_none());
-        assert_eq!(l.get("a.mp3").map(|m| m.kind), Some(EntryKind::File));
-        assert!(l.get("missing").is_none());
+        let names: Vec<&[u8]> = l.entries.iter().map(|e| e.name.as_bytes()).collect();
+        assert_eq!(
+            names,
+            [
+                "Björk — 世界".as_bytes(),
+                b"Bj\xf6rk",
+                b"a.mp3",
+                b"b.flac",
+                b"link"
+            ]
+        );
+        assert_eq!(
+            l.get(OsStr::new("link")).map(|m| m.kind),
+            Some(EntryKind::Symlink)
+        );
+        assert_eq!(l.get(latin1).map(|m| m.kind), Some(EntryKind::Dir));
+        // The UTF-8 spelling is another name.
+        assert!(l.get(OsStr::new("Björk")).is_none());
+        assert_eq!(
+            l.get(OsStr::new("a.mp3")).map(|m| m.kind),
+            Some(EntryKind::File)
+        );
+        assert!(l.get(OsStr::new("missing")).is_none());
         assert!(!l.is_stale(Duration::from_secs(60)));
     }
 

@@ -5,9 +5,11 @@
 //! origins, hands them to [`MusicFs::new`], checks them with
 //! [`MusicFs::preflight`] and calls [`mount`]. Below the mount point, the root
 //! lists one directory per origin, named by its [`musicfs_origins::OriginId`];
-//! under it, the origin's tree appears byte for byte (names, sizes, mtimes,
-//! kinds), except symlinks, which are hidden because MusicFS never follows
-//! them.
+//! under it, the origin's tree appears byte for byte (names as bytes, UTF-8
+//! or not; sizes, mtimes, kinds). Symlinks that stay inside their origin are
+//! shown as symlinks, with the origin's target, and the kernel resolves them
+//! through the mount (MusicFS never follows one); symlinks that leave it are
+//! hidden.
 //!
 //! Invariants:
 //! - Nothing is ever written: every write-like operation is `EROFS`, files

@@ -31,7 +31,7 @@ use harness::*;
 fn library_is_served_byte_for_byte() {
     let lib = make_library(&LibrarySpec::default()).expect("make-library must be available");
     // A second origin with names players meet: non-ASCII, long, spaces,
-    // and a symlink that must stay hidden.
+    // and a symlink that stays inside (tests/fidelity.rs has the rest).
     let odd = tempfile::tempdir().unwrap();
     let long_name = format!("{}.flac", "é".repeat(120)); // 245 bytes
     let unicode = "Björk — Jóga (世界) 🎵.mp3";
@@ -73,8 +73,12 @@ fn library_is_served_byte_for_byte() {
     }
 
     let odd_top = h.root().join("odd names");
-    let err = fs::symlink_metadata(odd_top.join("link.mp3")).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::NotFound, "symlinks are hidden");
+    let link = fs::symlink_metadata(odd_top.join("link.mp3")).unwrap();
+    assert!(link.file_type().is_symlink());
+    assert_eq!(
+        fs::read_link(odd_top.join("link.mp3")).unwrap(),
+        Path::new(unicode)
+    );
     assert!(
         fs::metadata(odd_top.join("Ünïcödé dir"))
             .unwrap()
@@ -83,7 +87,7 @@ fn library_is_served_byte_for_byte() {
             & 0o7777
             == 0o555
     );
-    // A name that is not UTF-8 cannot exist.
+    // A name the origin does not have does not exist.
     let bad = odd_top.join(std::ffi::OsStr::from_bytes(b"bad\xff.flac"));
     assert_eq!(fs::metadata(bad).unwrap_err().kind(), ErrorKind::NotFound);
 

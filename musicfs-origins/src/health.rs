@@ -22,6 +22,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -341,6 +342,10 @@ impl Origin for Watched {
     async fn health(&self) -> Result<()> {
         // Probes have their own timeout and record their own result.
         self.inner.health().await
+    }
+
+    async fn read_link(&self, path: &OriginPath) -> Result<PathBuf> {
+        self.watched("readlink", self.inner.read_link(path)).await
     }
 
     fn supports_range_reads(&self) -> bool {

@@ -3,7 +3,9 @@
 //! This is the bottom layer of MusicFS. An [`Origin`] is a read-only tree of
 //! files (a local or NAS directory now; S3 and SFTP later) addressed by
 //! [`OriginPath`]s that are relative, normalised and can never name anything
-//! outside the origin's root.
+//! outside the origin's root. Names are bytes, as on Linux: a name that is
+//! not UTF-8 is served under its exact bytes (S3 and SFTP keys are UTF-8,
+//! which bytes cover).
 //!
 //! Invariants every implementation keeps:
 //! - One call is one attempt. Retries live in exactly one place,
@@ -14,8 +16,16 @@
 //!   dead NAS mount) does its blocking work on threads of its own, so a hung
 //!   origin stalls only the callers that wait on it, and those callers bound
 //!   the wait with a timeout.
+//! - A symlink is reported (by `list`, `stat` and `read_link`) only when its
+//!   target resolves inside the origin's root, checked again on every call
+//!   (a link can be changed on the origin); one that leaves the root, or
+//!   leads nowhere, is hidden ([`OriginError::HiddenSymlink`]). The target
+//!   served is relative, so the kernel resolves it through the mount:
+//!   MusicFS never follows a link to read.
 
+use std::ffi::OsString;
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,7 +80,8 @@ impl fmt::Debug for OriginId {
     }
 }
 
-/// What kind of entry a path names. Symlinks are reported, never followed.
+/// What kind of entry a path names. Symlinks are reported (only those that
+/// stay inside the root), never followed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EntryKind {
     File,
@@ -161,8 +172,26 @@ impl fmt::Display for FileVersion {
 /// One entry of a directory listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirEntry {
-    pub name: String,
+    /// The name's exact bytes (on Linux they need not be UTF-8); always a
+    /// single component.
+    pub name: OsString,
     pub meta: EntryMeta,
+    /// For a symlink: the target to serve (what [`Origin::read_link`] would
+    /// answer), already checked to stay inside the root. `None` for files
+    /// and directories, and for symlinks of an origin that cannot report
+    /// targets in a listing (ask `read_link` then).
+    pub link_target: Option<PathBuf>,
+}
+
+impl DirEntry {
+    /// A file or directory entry (no link target).
+    pub fn new(name: impl Into<OsString>, meta: EntryMeta) -> Self {
+        Self {
+            name: name.into(),
+            meta,
+            link_target: None,
+        }
+    }
 }
 
 /// A read-only source of music files.
@@ -206,6 +235,19 @@ pub trait Origin: Send + Sync + fmt::Debug {
     /// Whether the origin answers right now. Callers bound this by a timeout.
     async fn health(&self) -> Result<()>;
 
+    /// The target of the symlink at `path`, as MusicFS serves it: relative,
+    /// and resolving inside the root (checked on this call). A symlink that
+    /// leaves the root or leads nowhere is [`OriginError::HiddenSymlink`];
+    /// anything else is [`OriginError::WrongKind`]. Origins without
+    /// symlinks keep the default, [`OriginError::Unsupported`].
+    async fn read_link(&self, path: &OriginPath) -> Result<PathBuf> {
+        let _ = path;
+        Err(OriginError::Unsupported {
+            origin: self.id().clone(),
+            what: "symlinks",
+        })
+    }
+
     /// True when `read_range` costs about the bytes asked for, so the cache
     /// may re-fetch single chunks instead of whole files.
     fn supports_range_reads(&self) -> bool {
@@ -244,6 +286,19 @@ pub enum OriginError {
     )]
     OutsideRoot { origin: OriginId, path: String },
 
+    #[error("{origin}: '{path}' is a symlink MusicFS hides: {reason}")]
+    HiddenSymlink {
+        origin: OriginId,
+        path: String,
+        reason: &'static str,
+    },
+
+    #[error("{origin}: this origin does not support {what}")]
+    Unsupported {
+        origin: OriginId,
+        what: &'static str,
+    },
+
     #[error("{origin}: permission denied on '{path}'; give the MusicFS user read access")]
     PermissionDenied { origin: OriginId, path: String },
 
@@ -277,6 +332,8 @@ impl OriginError {
             | OriginError::InvalidPath { .. }
             | OriginError::InvalidName { .. }
             | OriginError::OutsideRoot { .. }
+            | OriginError::HiddenSymlink { .. }
+            | OriginError::Unsupported { .. }
             | OriginError::PermissionDenied { .. } => false,
             OriginError::TooManyOpenFiles { .. }
             | OriginError::Unavailable { .. }
@@ -296,9 +353,13 @@ impl OriginError {
         matches!(self, OriginError::Changed { .. })
     }
 
-    /// True when the entry is known not to exist.
+    /// True when the entry is known not to exist, or is a symlink MusicFS
+    /// hides (which is the same to whoever looks through the mount).
     pub fn is_not_found(&self) -> bool {
-        matches!(self, OriginError::NotFound { .. })
+        matches!(
+            self,
+            OriginError::NotFound { .. } | OriginError::HiddenSymlink { .. }
+        )
     }
 
     /// Classifies an I/O error from the origin into a typed error.

@@ -15,11 +15,15 @@
 //! - Nothing outside the root is ever reached. [`OriginPath`] already rules
 //!   out `..`; here every intermediate component is checked with `lstat`, and
 //!   a symlink there is refused with [`OriginError::OutsideRoot`] (even one
-//!   pointing inside the root: MusicFS never follows symlinks). A final
-//!   symlink is reported as [`EntryKind::Symlink`] and never opened: reading
-//!   or listing it is [`OriginError::WrongKind`], because it is not a file or
-//!   directory to us, whatever it points at. Files are opened with
+//!   pointing inside the root: the kernel resolves links through the mount,
+//!   so no path MusicFS is asked for crosses one). A final symlink is
+//!   reported as [`EntryKind::Symlink`] with the target to serve when it
+//!   resolves inside the root, and hidden otherwise (see the `links` module
+//!   for the rules, including absolute targets); it is never opened:
+//!   reading or listing it is [`OriginError::WrongKind`], because it is not
+//!   a file or directory to us, whatever it points at. Files are opened with
 //!   `O_NOFOLLOW` so a symlink swapped in after the check is still refused.
+//! - Names are the directory's bytes, UTF-8 or not.
 //! - Only regular files, directories and symlinks exist. FIFOs, sockets and
 //!   devices are left out of listings and refused by `stat`/`read_range`,
 //!   because opening a FIFO blocks until a writer appears, which would pin a
@@ -33,6 +37,7 @@
 use std::collections::VecDeque;
 use std::fs::{self, File, Metadata, OpenOptions};
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -46,6 +51,8 @@ use crate::{
     fds, DirEntry, EntryKind, EntryMeta, FileVersion, Origin, OriginError, OriginId, OriginPath,
     Result,
 };
+
+mod links;
 
 /// An origin backed by a local (or locally mounted) directory.
 #[derive(Debug)]
@@ -175,6 +182,12 @@ impl Origin for LocalOrigin {
 
     async fn health(&self) -> Result<()> {
         self.blocking("health check", |fs| fs.health()).await
+    }
+
+    async fn read_link(&self, path: &OriginPath) -> Result<PathBuf> {
+        let path = path.clone();
+        self.blocking("readlink", move |fs| fs.read_link(&path))
+            .await
     }
 }
 
@@ -313,8 +326,38 @@ impl Fs {
     }
 
     fn stat(&self, path: &OriginPath) -> Result<EntryMeta> {
-        let (_, meta) = self.lstat_confined(path)?;
-        entry_meta(&meta).ok_or_else(|| self.wrong_kind(path, "file or directory"))
+        let (host, meta) = self.lstat_confined(path)?;
+        let mut entry =
+            entry_meta(&meta).ok_or_else(|| self.wrong_kind(path, "file or directory"))?;
+        if entry.kind == EntryKind::Symlink {
+            entry.size = target_len(&self.check_link(path, &host)?);
+        }
+        Ok(entry)
+    }
+
+    fn read_link(&self, path: &OriginPath) -> Result<PathBuf> {
+        let (host, meta) = self.lstat_confined(path)?;
+        if !meta.file_type().is_symlink() {
+            return Err(self.wrong_kind(path, "symlink"));
+        }
+        self.check_link(path, &host)
+    }
+
+    /// The target to serve for the symlink at `path` (host path `host`),
+    /// checked now; see the `links` module.
+    fn check_link(&self, path: &OriginPath, host: &Path) -> Result<PathBuf> {
+        links::check(&self.root, path, host).map_err(|refusal| match refusal {
+            links::Refusal::Hidden(reason) => OriginError::HiddenSymlink {
+                origin: self.id.clone(),
+                path: path.to_string(),
+                reason,
+            },
+            links::Refusal::Gone => OriginError::NotFound {
+                origin: self.id.clone(),
+                path: path.to_string(),
+            },
+            links::Refusal::Io(e) => self.io_err(path, e),
+        })
     }
 
     fn list(&self, path: &OriginPath) -> Result<Vec<DirEntry>> {
@@ -325,22 +368,11 @@ impl Fs {
         let mut entries = Vec::new();
         for entry in fs::read_dir(&host).map_err(|e| self.io_err(path, e))? {
             let entry = entry.map_err(|e| self.io_err(path, e))?;
-            let name = match entry.file_name().into_string() {
-                Ok(name) => name,
-                Err(raw) => {
-                    tracing::warn!(
-                        origin = %self.id,
-                        dir = %path,
-                        name = ?raw,
-                        "skipping an entry whose name is not UTF-8; rename it to see it in MusicFS"
-                    );
-                    continue;
-                }
-            };
+            let name = entry.file_name();
             // readdir never yields '.', '..' or names with '/', so this only
             // fails on a broken platform; skipping beats failing the listing.
             let Ok(entry_path) = path.join(&name) else {
-                tracing::warn!(origin = %self.id, dir = %path, name, "skipping an unusable entry name");
+                tracing::warn!(origin = %self.id, dir = %path, ?name, "skipping an unusable entry name");
                 continue;
             };
             // DirEntry::metadata is an lstat on Unix: symlinks stay symlinks.
@@ -352,14 +384,34 @@ impl Fs {
                 // and callers cache listings.
                 Err(e) => return Err(self.io_err(&entry_path, e)),
             };
-            match entry_meta(&meta) {
-                Some(meta) => entries.push(DirEntry { name, meta }),
-                None => tracing::debug!(
+            let Some(mut meta) = entry_meta(&meta) else {
+                tracing::debug!(
                     origin = %self.id,
                     path = %entry_path,
                     "skipping a special file (FIFO, socket or device)"
-                ),
+                );
+                continue;
+            };
+            let mut link_target = None;
+            if meta.kind == EntryKind::Symlink {
+                match self.check_link(&entry_path, &entry.path()) {
+                    Ok(target) => {
+                        meta.size = target_len(&target);
+                        link_target = Some(target);
+                    }
+                    // Hidden, or deleted since readdir: not in the listing.
+                    Err(e) if e.is_not_found() => {
+                        tracing::debug!(origin = %self.id, path = %entry_path, error = %e, "not listing a symlink");
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
+            entries.push(DirEntry {
+                name,
+                meta,
+                link_target,
+            });
         }
         Ok(entries)
     }
@@ -515,6 +567,11 @@ fn entry_meta(meta: &Metadata) -> Option<EntryMeta> {
     })
 }
 
+/// A served target's size, as `lstat` reports a symlink's: its length.
+fn target_len(target: &Path) -> u64 {
+    target.as_os_str().as_bytes().len() as u64
+}
+
 /// Positional reads until `want` bytes or end of file.
 fn read_at_most(file: &File, offset: u64, want: usize) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; want];
@@ -583,7 +640,7 @@ mod tests {
     }
 
     fn sorted_names(entries: &[DirEntry]) -> Vec<&str> {
-        let mut names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+        let mut names: Vec<&str> = entries.iter().map(|e| e.name.to_str().unwrap()).collect();
         names.sort_unstable();
         names
     }
@@ -787,32 +844,110 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn symlinks_are_reported_never_followed() {
+    async fn symlinks_inside_are_served_and_outside_hidden() {
         let outside = TempDir::new().unwrap();
         fs::write(outside.path().join("secret.flac"), b"secret").unwrap();
-        let dir = TempDir::new().unwrap();
-        std::os::unix::fs::symlink("/etc", dir.path().join("etc")).unwrap();
-        std::os::unix::fs::symlink(outside.path(), dir.path().join("elsewhere")).unwrap();
-        std::os::unix::fs::symlink(
-            outside.path().join("secret.flac"),
-            dir.path().join("secret.flac"),
+        let (dir, data) = library();
+        let root = dir.path();
+        fs::create_dir(root.join("Favourites")).unwrap();
+        let link = |target: &Path, at: &str| std::os::unix::fs::symlink(target, root.join(at));
+        link(
+            Path::new("../坂本龍一/1999 - Glass Echo"),
+            "Favourites/Glass Echo",
         )
         .unwrap();
+        link(Path::new("../Björk.mp3"), "Favourites/Björk.mp3").unwrap();
+        link(&root.join("坂本龍一"), "Favourites/absolute").unwrap();
+        link(Path::new("/etc"), "etc").unwrap();
+        link(outside.path(), "elsewhere").unwrap();
+        link(&outside.path().join("secret.flac"), "secret.flac").unwrap();
+        link(Path::new("../../etc"), "Favourites/up").unwrap();
+        link(Path::new("../etc"), "Favourites/chain").unwrap();
         let origin = origin(&dir);
 
+        // Outside the root, directly, by `..` or through another link: hidden.
         let listing = origin.list(&OriginPath::root()).await.unwrap();
-        assert_eq!(sorted_names(&listing), ["elsewhere", "etc", "secret.flac"]);
-        assert!(listing.iter().all(|e| e.meta.kind == EntryKind::Symlink));
+        assert_eq!(
+            sorted_names(&listing),
+            ["Björk.mp3", "Favourites", "empty.flac", "坂本龍一"]
+        );
+        let favourites = origin.list(&p("Favourites")).await.unwrap();
+        assert_eq!(
+            sorted_names(&favourites),
+            ["Björk.mp3", "Glass Echo", "absolute"]
+        );
+        for entry in &favourites {
+            assert_eq!(entry.meta.kind, EntryKind::Symlink);
+            let target = entry.link_target.clone().unwrap();
+            assert_eq!(entry.meta.size, target.as_os_str().len() as u64);
+            // `stat` and `read_link` say what the listing said.
+            let path = p("Favourites").join(&entry.name).unwrap();
+            assert_eq!(origin.read_link(&path).await.unwrap(), target);
+            assert_eq!(origin.stat(&path).await.unwrap(), entry.meta);
+        }
+        let target_of = |name: &str| {
+            favourites
+                .iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.link_target.clone())
+                .unwrap()
+        };
+        assert_eq!(
+            target_of("Glass Echo"),
+            Path::new("../坂本龍一/1999 - Glass Echo")
+        );
+        // An absolute target inside the root is served relative.
+        assert_eq!(target_of("absolute"), Path::new("../坂本龍一"));
 
-        let etc = origin.stat(&p("etc")).await.unwrap();
-        assert_eq!(etc.kind, EntryKind::Symlink);
-        assert_eq!(etc.size, "/etc".len() as u64);
+        for hidden in [
+            "etc",
+            "elsewhere",
+            "secret.flac",
+            "Favourites/up",
+            "Favourites/chain",
+        ] {
+            let err = origin.stat(&p(hidden)).await.unwrap_err();
+            assert!(
+                matches!(err, OriginError::HiddenSymlink { .. }),
+                "{hidden}: {err}"
+            );
+            assert!(err.is_not_found() && !err.is_retryable(), "{hidden}: {err}");
+            let err = origin.read_link(&p(hidden)).await.unwrap_err();
+            assert!(
+                matches!(err, OriginError::HiddenSymlink { .. }),
+                "{hidden}: {err}"
+            );
+        }
+
+        // Checked on every call: re-pointed outside, the link disappears.
+        fs::remove_file(root.join("Favourites/Glass Echo")).unwrap();
+        link(Path::new("../.."), "Favourites/Glass Echo").unwrap();
+        let favourites = origin.list(&p("Favourites")).await.unwrap();
+        assert_eq!(sorted_names(&favourites), ["Björk.mp3", "absolute"]);
+        let err = origin
+            .read_link(&p("Favourites/Glass Echo"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, OriginError::HiddenSymlink { .. }), "{err}");
+
+        // `read_link` of anything but a symlink is the wrong kind.
+        let err = origin.read_link(&p("Björk.mp3")).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                OriginError::WrongKind {
+                    expected: "symlink",
+                    ..
+                }
+            ),
+            "{err}"
+        );
 
         // A final symlink is not a file or directory, wherever it points.
         let err = origin
             .read_range(
-                &p("secret.flac"),
-                &now(&origin, &p("secret.flac")).await,
+                &p("Favourites/Björk.mp3"),
+                &now(&origin, &p("Favourites/Björk.mp3")).await,
                 0,
                 100,
             )
@@ -828,7 +963,7 @@ mod tests {
             ),
             "{err}"
         );
-        let err = origin.list(&p("elsewhere")).await.unwrap_err();
+        let err = origin.list(&p("Favourites/absolute")).await.unwrap_err();
         assert!(
             matches!(
                 err,
@@ -839,8 +974,22 @@ mod tests {
             ),
             "{err}"
         );
-
-        // Going through a symlinked directory is leaving the root.
+        // Going through a symlinked directory is refused, inside or not:
+        // through the mount, the kernel resolves links itself.
+        let err = origin
+            .read_range(
+                &p("Favourites/Glass Echo/01 - Tide \"north\".flac"),
+                &now(
+                    &origin,
+                    &p("Favourites/Glass Echo/01 - Tide \"north\".flac"),
+                )
+                .await,
+                0,
+                1,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, OriginError::OutsideRoot { .. }), "{err}");
         let through = p("elsewhere/secret.flac");
         let err = origin
             .read_range(&through, &now(&origin, &through).await, 0, 100)
@@ -848,12 +997,19 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, OriginError::OutsideRoot { .. }), "{err}");
         assert!(!err.is_retryable());
-        let err = origin.stat(&through).await.unwrap_err();
-        assert!(matches!(err, OriginError::OutsideRoot { .. }), "{err}");
         let err = origin.stat(&p("etc/passwd")).await.unwrap_err();
         assert!(matches!(err, OriginError::OutsideRoot { .. }), "{err}");
         let err = origin.list(&p("etc/ssl")).await.unwrap_err();
         assert!(matches!(err, OriginError::OutsideRoot { .. }), "{err}");
+        // The file the links lead to is untouched.
+        let track = p("坂本龍一/1999 - Glass Echo/01 - Tide \"north\".flac");
+        assert_eq!(
+            &origin
+                .read_range(&track, &now(&origin, &track).await, 0, u64::MAX)
+                .await
+                .unwrap()[..],
+            &data[..]
+        );
     }
 
     #[tokio::test]
@@ -955,13 +1111,33 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn non_utf8_names_are_skipped() {
+    async fn latin1_names_are_served_under_their_exact_bytes() {
         let dir = TempDir::new().unwrap();
-        let bad = std::ffi::OsStr::from_bytes(b"bad\xff.flac");
-        fs::write(dir.path().join(bad), b"x").unwrap();
+        let bjork = std::ffi::OsStr::from_bytes(b"Bj\xf6rk");
+        let track = std::ffi::OsStr::from_bytes(b"J\xf3ga.flac");
+        fs::create_dir(dir.path().join(bjork)).unwrap();
+        fs::write(dir.path().join(bjork).join(track), b"latin-1").unwrap();
         fs::write(dir.path().join("good.flac"), b"x").unwrap();
-        let listing = origin(&dir).list(&OriginPath::root()).await.unwrap();
-        assert_eq!(sorted_names(&listing), ["good.flac"]);
+        let origin = origin(&dir);
+
+        let listing = origin.list(&OriginPath::root()).await.unwrap();
+        let mut names: Vec<&[u8]> = listing.iter().map(|e| e.name.as_bytes()).collect();
+        names.sort_unstable();
+        assert_eq!(names, [&b"Bj\xf6rk"[..], b"good.flac"]);
+        let album = OriginPath::root().join(bjork).unwrap();
+        let inside = origin.list(&album).await.unwrap();
+        assert_eq!(inside.len(), 1);
+        assert_eq!(inside[0].name, track);
+        let path = album.join(track).unwrap();
+        assert_eq!(path.as_bytes(), b"Bj\xf6rk/J\xf3ga.flac");
+        assert_eq!(origin.stat(&path).await.unwrap().size, 7);
+        assert_eq!(
+            &origin
+                .read_range(&path, &now(&origin, &path).await, 0, 100)
+                .await
+                .unwrap()[..],
+            b"latin-1"
+        );
     }
 
     #[tokio::test]

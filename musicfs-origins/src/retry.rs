@@ -17,6 +17,7 @@
 //! - This layer sets no timeouts: a call that hangs is bounded by the caller.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -136,6 +137,11 @@ impl Origin for RetryOrigin {
 
     async fn health(&self) -> Result<()> {
         self.inner.health().await
+    }
+
+    async fn read_link(&self, path: &OriginPath) -> Result<PathBuf> {
+        self.retry("readlink", path, || self.inner.read_link(path))
+            .await
     }
 
     fn supports_range_reads(&self) -> bool {

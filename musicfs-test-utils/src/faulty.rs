@@ -8,7 +8,8 @@
 //!
 //! Invariants:
 //! - Each operation kind (read, list, stat, health) has its own current
-//!   [`Fault`]. The fault is read once, at the start of a call: changing it
+//!   [`Fault`]; `read_link`, the other call about one entry's metadata,
+//!   shares stat's fault and counter. The fault is read once, at the start of a call: changing it
 //!   affects later calls, never a call that is already delayed. A call stuck
 //!   in [`Fault::Hang`] stays stuck even after [`FaultyOrigin::clear`]; only
 //!   dropping its future (a caller's timeout) ends it.
@@ -21,6 +22,7 @@
 //!   real errors of the inner origin.
 
 use std::ops::BitOr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -133,6 +135,7 @@ pub struct OriginStats {
     /// truncation).
     pub bytes_served: u64,
     pub list_calls: u64,
+    /// `stat` and `read_link` calls.
     pub stat_calls: u64,
     pub health_calls: u64,
     /// Calls that returned an error, injected or from the inner origin.
@@ -457,6 +460,15 @@ impl Origin for FaultyOrigin {
 
     fn release(&self, path: &OriginPath, version: &FileVersion) {
         self.inner.release(path, version);
+    }
+
+    async fn read_link(&self, path: &OriginPath) -> Result<PathBuf> {
+        self.counters.stat_calls.fetch_add(1, Ordering::SeqCst);
+        let result = match self.before(Op::Stat).await {
+            Ok(_) => self.inner.read_link(path).await,
+            Err(e) => Err(e),
+        };
+        self.count_failure(result)
     }
 
     async fn health(&self) -> Result<()> {

@@ -20,6 +20,8 @@
 //!   in [`crate::FaultyOrigin`].
 
 use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStringExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -42,11 +44,11 @@ struct MemFile {
 
 #[derive(Debug)]
 struct State {
-    /// Keyed by `OriginPath::as_str()`. Keys sharing a prefix are contiguous,
-    /// which `children` relies on.
-    files: BTreeMap<String, MemFile>,
+    /// Keyed by `OriginPath::as_bytes()` (names are bytes, UTF-8 or not).
+    /// Keys sharing a prefix are contiguous, which `list` relies on.
+    files: BTreeMap<Vec<u8>, MemFile>,
     /// Directory path to mtime. Always holds the root, `""`.
-    dirs: BTreeMap<String, i64>,
+    dirs: BTreeMap<Vec<u8>, i64>,
     clock: i64,
 }
 
@@ -54,7 +56,7 @@ impl State {
     fn touch_parent(&mut self, path: &OriginPath) {
         if let Some(parent) = path.parent() {
             let clock = self.clock;
-            if let Some(mtime) = self.dirs.get_mut(parent.as_str()) {
+            if let Some(mtime) = self.dirs.get_mut(parent.as_bytes()) {
                 *mtime = clock;
             }
         }
@@ -65,7 +67,7 @@ impl State {
     fn missing(&self, origin: &OriginId, path: &OriginPath) -> OriginError {
         let mut ancestor = path.parent();
         while let Some(a) = ancestor {
-            if self.files.contains_key(a.as_str()) {
+            if self.files.contains_key(a.as_bytes()) {
                 return OriginError::WrongKind {
                     origin: origin.clone(),
                     path: path.to_string(),
@@ -90,20 +92,20 @@ impl State {
         }
         for dir in ancestors.iter().rev() {
             assert!(
-                !self.files.contains_key(dir.as_str()),
+                !self.files.contains_key(dir.as_bytes()),
                 "MemOrigin: cannot put {path}: {dir} is a file"
             );
-            if !self.dirs.contains_key(dir.as_str()) {
-                self.dirs.insert(dir.as_str().to_owned(), self.clock);
+            if !self.dirs.contains_key(dir.as_bytes()) {
+                self.dirs.insert(dir.as_bytes().to_vec(), self.clock);
                 self.touch_parent(dir);
             }
         }
         assert!(
-            !self.dirs.contains_key(path.as_str()),
+            !self.dirs.contains_key(path.as_bytes()),
             "MemOrigin: cannot put {path}: it is a directory"
         );
         let file = MemFile { data, mtime_ns };
-        if self.files.insert(path.as_str().to_owned(), file).is_none() {
+        if self.files.insert(path.as_bytes().to_vec(), file).is_none() {
             self.touch_parent(path);
         }
     }
@@ -117,7 +119,7 @@ pub struct MemOrigin {
     available: AtomicBool,
 }
 
-fn parse(path: &str) -> OriginPath {
+fn parse<P: AsRef<OsStr> + ?Sized>(path: &P) -> OriginPath {
     match OriginPath::new(path) {
         Ok(p) => p,
         Err(e) => panic!("MemOrigin: bad path in test: {e}"),
@@ -146,7 +148,7 @@ impl MemOrigin {
     /// An empty, available origin: just the root directory.
     pub fn new(id: OriginId) -> Arc<Self> {
         let mut dirs = BTreeMap::new();
-        dirs.insert(String::new(), CLOCK_START_NS);
+        dirs.insert(Vec::new(), CLOCK_START_NS);
         Arc::new(Self {
             id,
             state: Mutex::new(State {
@@ -164,7 +166,7 @@ impl MemOrigin {
     /// # Panics
     /// When `path` is not a valid [`OriginPath`], is the root, is a
     /// directory, or has a file as an ancestor: these are bugs in the test.
-    pub fn put(&self, path: &str, data: impl Into<Bytes>) {
+    pub fn put<P: AsRef<OsStr> + ?Sized>(&self, path: &P, data: impl Into<Bytes>) {
         let path = parse(path);
         let mut state = self.state.lock();
         state.clock = state.clock.saturating_add(1);
@@ -177,7 +179,12 @@ impl MemOrigin {
     ///
     /// # Panics
     /// As [`MemOrigin::put`].
-    pub fn put_with_mtime(&self, path: &str, data: impl Into<Bytes>, mtime_ns: i64) {
+    pub fn put_with_mtime<P: AsRef<OsStr> + ?Sized>(
+        &self,
+        path: &P,
+        data: impl Into<Bytes>,
+        mtime_ns: i64,
+    ) {
         let path = parse(path);
         let mut state = self.state.lock();
         // Keeps the promise that a later `put` is newer than this file.
@@ -190,20 +197,20 @@ impl MemOrigin {
     ///
     /// # Panics
     /// When `path` is not a valid [`OriginPath`].
-    pub fn remove(&self, path: &str) {
+    pub fn remove<P: AsRef<OsStr> + ?Sized>(&self, path: &P) {
         let path = parse(path);
         let mut state = self.state.lock();
         state.clock = state.clock.saturating_add(1);
-        let key = path.as_str();
+        let key = path.as_bytes();
         let removed_file = state.files.remove(key).is_some();
         let removed_dir = if path.is_root() {
             state.files.clear();
             state.dirs.retain(|k, _| k.is_empty());
             let clock = state.clock;
-            state.dirs.insert(String::new(), clock);
+            state.dirs.insert(Vec::new(), clock);
             false
         } else if state.dirs.remove(key).is_some() {
-            let prefix = format!("{key}/");
+            let prefix = [key, b"/"].concat();
             state.files.retain(|k, _| !k.starts_with(&prefix));
             state.dirs.retain(|k, _| !k.starts_with(&prefix));
             true
@@ -242,7 +249,7 @@ impl Origin for MemOrigin {
     async fn list(&self, path: &OriginPath) -> Result<Vec<DirEntry>> {
         self.check_up()?;
         let state = self.state.lock();
-        let key = path.as_str();
+        let key = path.as_bytes();
         if !state.dirs.contains_key(key) {
             if state.files.contains_key(key) {
                 return Err(OriginError::WrongKind {
@@ -254,36 +261,30 @@ impl Origin for MemOrigin {
             return Err(state.missing(&self.id, path));
         }
         let prefix = if path.is_root() {
-            String::new()
+            Vec::new()
         } else {
-            format!("{key}/")
+            [key, b"/"].concat()
         };
         // A direct child is a key under the prefix with no further '/'.
-        let child = |k: &str| -> Option<String> {
-            let rest = k.strip_prefix(prefix.as_str())?;
-            (!rest.is_empty() && !rest.contains('/')).then(|| rest.to_owned())
+        let child = |k: &[u8]| -> Option<OsString> {
+            let rest = k.strip_prefix(prefix.as_slice())?;
+            (!rest.is_empty() && !rest.contains(&b'/')).then(|| OsString::from_vec(rest.to_vec()))
         };
         let mut entries = Vec::new();
         for (k, file) in state.files.range(prefix.clone()..) {
-            if !k.starts_with(prefix.as_str()) {
+            if !k.starts_with(&prefix) {
                 break;
             }
             if let Some(name) = child(k) {
-                entries.push(DirEntry {
-                    name,
-                    meta: file_meta(file),
-                });
+                entries.push(DirEntry::new(name, file_meta(file)));
             }
         }
         for (k, mtime) in state.dirs.range(prefix.clone()..) {
-            if !k.starts_with(prefix.as_str()) {
+            if !k.starts_with(&prefix) {
                 break;
             }
             if let Some(name) = child(k) {
-                entries.push(DirEntry {
-                    name,
-                    meta: dir_meta(*mtime),
-                });
+                entries.push(DirEntry::new(name, dir_meta(*mtime)));
             }
         }
         Ok(entries)
@@ -292,10 +293,10 @@ impl Origin for MemOrigin {
     async fn stat(&self, path: &OriginPath) -> Result<EntryMeta> {
         self.check_up()?;
         let state = self.state.lock();
-        if let Some(file) = state.files.get(path.as_str()) {
+        if let Some(file) = state.files.get(path.as_bytes()) {
             return Ok(file_meta(file));
         }
-        if let Some(mtime) = state.dirs.get(path.as_str()) {
+        if let Some(mtime) = state.dirs.get(path.as_bytes()) {
             return Ok(dir_meta(*mtime));
         }
         Err(state.missing(&self.id, path))
@@ -310,8 +311,8 @@ impl Origin for MemOrigin {
     ) -> Result<Bytes> {
         self.check_up()?;
         let state = self.state.lock();
-        let Some(file) = state.files.get(path.as_str()) else {
-            if state.dirs.contains_key(path.as_str()) {
+        let Some(file) = state.files.get(path.as_bytes()) else {
+            if state.dirs.contains_key(path.as_bytes()) {
                 return Err(OriginError::WrongKind {
                     origin: self.id.clone(),
                     path: path.to_string(),
@@ -355,7 +356,30 @@ mod tests {
 
     fn names(mut entries: Vec<DirEntry>) -> Vec<(String, EntryKind)> {
         entries.sort_by(|a, b| a.name.cmp(&b.name));
-        entries.into_iter().map(|e| (e.name, e.meta.kind)).collect()
+        entries
+            .into_iter()
+            .map(|e| (e.name.into_string().unwrap(), e.meta.kind))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn names_are_bytes() {
+        use std::os::unix::ffi::OsStrExt;
+        let m = origin();
+        let latin1 = OsStr::from_bytes(b"Bj\xf6rk/J\xf3ga.flac");
+        m.put(latin1, "old rip");
+        m.put("Björk/Jóga.flac", "new rip");
+        let root = m.list(&OriginPath::root()).await.unwrap();
+        let mut root: Vec<&[u8]> = root.iter().map(|e| e.name.as_bytes()).collect();
+        root.sort();
+        assert_eq!(root, [&b"Bj\xc3\xb6rk"[..], b"Bj\xf6rk"]);
+        let path = OriginPath::new(latin1).unwrap();
+        assert_eq!(&crate::read_now(&*m, &path, 0, 100).await.unwrap()[..], b"old rip");
+        let album = m.list(&path.parent().unwrap()).await.unwrap();
+        assert_eq!(album[0].name, OsStr::from_bytes(b"J\xf3ga.flac"));
+        m.remove(OsStr::from_bytes(b"Bj\xf6rk"));
+        assert!(m.stat(&path).await.unwrap_err().is_not_found());
+        assert_eq!(m.list(&OriginPath::root()).await.unwrap().len(), 1);
     }
 
     #[tokio::test]

@@ -143,7 +143,7 @@ pub fn local(name: &str, root: &Path) -> DynOrigin {
     Arc::new(LocalOrigin::new(OriginId::new(name).unwrap(), root))
 }
 
-/// Names in `dir`, leaving out symlinks (which MusicFS hides).
+/// Names in `dir`, leaving out symlinks (tests/fidelity.rs covers them).
 pub fn names(dir: &Path) -> BTreeSet<String> {
     fs::read_dir(dir)
         .unwrap()
