@@ -2,7 +2,7 @@
 //! FUSE mounts, a real music library, real signals.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -14,6 +14,54 @@ use musicfs_test_utils::{
 use tempfile::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_musicfs");
+
+/// Bounds every wait on an event here: it only ends a hang, so it is far
+/// longer than anything takes on a busy machine.
+const HANG: Duration = Duration::from_secs(60);
+
+/// Waits until `cond` holds, polling every 20 ms; fails the test with
+/// `what` after [`HANG`].
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + HANG;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not within {HANG:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Bytes in the chunk files of the cache at `cache` (a chunk file appears
+/// only once it is whole).
+fn chunk_bytes(cache: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![cache.join("chunks")];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+/// Reads `path` through the mount, checks it is `want`, and keeps it open
+/// until the daemon has stored every byte of it in the cache at `cache`
+/// (an ingest stops when its file closes), so the file is served offline
+/// later. Only for a cache that holds nothing else.
+fn read_until_cached(path: &Path, want: &[u8], cache: &Path) {
+    let mut file = std::fs::File::open(path).unwrap();
+    let mut got = Vec::new();
+    file.read_to_end(&mut got).unwrap();
+    assert!(got == want, "{} differs through the mount", path.display());
+    wait_until(&format!("{} cached", path.display()), || {
+        chunk_bytes(cache) >= want.len() as u64
+    });
+}
 
 /// A running `musicfs mount`; on drop it is stopped and its mount removed.
 struct Daemon {
@@ -46,7 +94,7 @@ impl Daemon {
             child: Some(child),
             mountpoint: mountpoint.to_owned(),
         };
-        match rx.recv_timeout(Duration::from_secs(60)) {
+        match rx.recv_timeout(HANG) {
             Ok(line) if line.contains("mounted at") => d,
             other => panic!("musicfs did not come up: {other:?}"),
         }
@@ -64,12 +112,10 @@ impl Daemon {
             .unwrap();
     }
 
-    /// SIGTERM, then asserts a clean exit (0) within 20 s.
+    /// SIGTERM, then asserts a clean exit (0).
     fn stop(&mut self) {
         self.signal("TERM");
-        let st = self
-            .wait(Duration::from_secs(20))
-            .expect("SIGTERM did not end musicfs");
+        let st = self.wait(HANG).expect("SIGTERM did not end musicfs");
         assert!(st.success(), "musicfs exited with {st:?}");
     }
 
@@ -288,9 +334,7 @@ fn mount_serves_the_library_byte_for_byte_and_sigterm_ends_it() {
     assert!(v["origins"][0]["name"].as_str().is_some());
 
     d.signal("TERM");
-    let st = d
-        .wait(Duration::from_secs(20))
-        .expect("SIGTERM did not end musicfs");
+    let st = d.wait(HANG).expect("SIGTERM did not end musicfs");
     assert!(st.success(), "{st:?}");
     assert!(!is_mounted(&mp), "still mounted after SIGTERM");
 
@@ -352,8 +396,7 @@ fn stale_mount_after_kill_9_is_recovered_by_the_next_mount() {
         data
     );
     d.signal("KILL");
-    d.wait(Duration::from_secs(10))
-        .expect("kill -9 did not end it");
+    d.wait(HANG).expect("kill -9 did not end it");
     let e = std::fs::read_dir(&mp).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
     // No fusermount, no rm -rf: just mount again.
@@ -379,8 +422,7 @@ fn origin_down_at_start_is_served_from_cache_or_refused_when_uncached() {
     let cache = tmp.path().join("cache");
     {
         let mut d = Daemon::start(&mp, &cache, &[&lib], &[]);
-        assert_eq!(std::fs::read(mp.join("lib/x/t.flac")).unwrap(), data);
-        std::thread::sleep(Duration::from_millis(300));
+        read_until_cached(&mp.join("lib/x/t.flac"), &data, &cache);
         d.stop();
     }
     std::fs::rename(&real, tmp.path().join("gone")).unwrap();
@@ -425,8 +467,7 @@ fn verify_finds_damage_and_repair_fixes_it() {
     let cache = tmp.path().join("cache");
     {
         let mut d = Daemon::start(&mp, &cache, &[&lib], &[]);
-        assert_eq!(std::fs::read(mp.join("lib/v.flac")).unwrap(), data);
-        std::thread::sleep(Duration::from_millis(500));
+        read_until_cached(&mp.join("lib/v.flac"), &data, &cache);
         d.stop();
     }
     // Corrupt one chunk file.
@@ -473,7 +514,7 @@ fn doctor_reports_a_stale_mount_with_its_fix() {
     let cache = tmp.path().join("cache");
     let mut d = Daemon::start(&mp, &cache, &[&lib], &[]);
     d.signal("KILL");
-    d.wait(Duration::from_secs(10)).unwrap();
+    d.wait(HANG).expect("kill -9 did not end it");
     let out = musicfs(&[
         "doctor",
         "--cache-dir",

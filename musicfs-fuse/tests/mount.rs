@@ -172,7 +172,10 @@ fn a_hung_origin_blocks_neither_listings_nor_cached_reads() {
     write_file(src.path(), "a.flac", &data_a).unwrap();
     write_file(src.path(), "b.flac", &data_b).unwrap();
     let faulty = FaultyOrigin::new(local("nas", src.path()));
-    let read_timeout = Duration::from_secs(2);
+    // How long B stays stuck: the test's listing and cached read must be
+    // done well within it on a busy machine, and it ends the test's wait
+    // for B's error.
+    let read_timeout = Duration::from_secs(10);
     let h = Harness::start(
         vec![faulty.clone() as DynOrigin],
         FsConfig {
@@ -195,8 +198,9 @@ fn a_hung_origin_blocks_neither_listings_nor_cached_reads() {
 
     faulty.set_fault_on(Ops::READ, Fault::Hang);
     let stuck = std::thread::spawn(move || fs::read(b));
-    // Let the B read reach the hung origin.
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until("the B read reaches the hung origin", || {
+        faulty.stats().in_flight_reads > 0
+    });
 
     let started = Instant::now();
     let listed = names(&dir);
@@ -206,10 +210,11 @@ fn a_hung_origin_blocks_neither_listings_nor_cached_reads() {
     let got = fs::read(&a).unwrap();
     assert!(got == data_a, "cached A differs");
     let took = started.elapsed();
-    // Waiting behind the stuck B read would take at least its timeout.
+    // B was stuck at the origin all the while: the listing and the cached
+    // read did not wait behind it (that would end only with its timeout).
     assert!(
-        took < read_timeout,
-        "listing and cached read took {took:?} while B was stuck"
+        faulty.stats().in_flight_reads > 0 && !stuck.is_finished(),
+        "B's read ended before the listing and cached read were done ({took:?})"
     );
 
     let err = stuck
@@ -238,8 +243,10 @@ fn a_removed_origin_keeps_serving_from_the_cache() {
     for (rel, data) in &files {
         write_file(&src, rel, data).unwrap();
     }
+    // Counts the listings MusicFS asks for and how they end.
+    let counted = FaultyOrigin::new(local("music", &src));
     let h = Harness::start(
-        vec![local("music", &src)],
+        vec![counted.clone() as DynOrigin],
         FsConfig {
             // Every access finds its listing stale and tries the origin, and
             // the kernel asks MusicFS every time.
@@ -260,11 +267,14 @@ fn a_removed_origin_keeps_serving_from_the_cache() {
     }
     let before = assert_tree_snapshot(&top);
 
+    // The music top and every directory under it.
+    let dirs = 1 + before.iter().filter(|(_, is_dir, ..)| *is_dir).count() as u64;
+
     fs::rename(&src, base.path().join("gone")).unwrap();
     assert!(!src.exists());
+    let gone = counted.stats();
 
-    // Twice, so the second round runs after the failed refreshes.
-    for _ in 0..2 {
+    let serves_everything = || {
         assert_eq!(assert_tree_snapshot(&top), before);
         for (rel, data) in &files {
             let path = top.join(rel);
@@ -272,8 +282,15 @@ fn a_removed_origin_keeps_serving_from_the_cache() {
             let got = fs::read(&path).unwrap();
             assert!(&got == data, "{rel} differs with the origin gone");
         }
-        std::thread::sleep(Duration::from_millis(1100));
-    }
+    };
+    // Each round starts refreshes of the directories it visits (at most
+    // one per directory a second), which fail; browse until as many have
+    // failed as there are directories, then once more after those failures.
+    wait_until("failed refreshes of the directories", || {
+        serves_everything();
+        counted.stats().list_failures - gone.list_failures >= dirs
+    });
+    serves_everything();
 }
 
 /// (path, is_dir, size, mtime) of everything under `top`, sorted.
@@ -368,14 +385,9 @@ fn an_external_unmount_ends_the_session() {
         .status()
         .unwrap();
     assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !h.mounted.as_ref().unwrap().is_finished() {
-        assert!(
-            Instant::now() < deadline,
-            "session did not notice the unmount"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("the session notices the unmount", || {
+        h.mounted.as_ref().unwrap().is_finished()
+    });
     h.mounted.take().unwrap().unmount().unwrap();
     assert!(!is_mounted(h.root()));
 }
@@ -432,7 +444,9 @@ const CHILD_MOUNT: &str = "MUSICFS_FUSE_TEST_CHILD_MOUNT";
 const CHILD_ORIGIN: &str = "MUSICFS_FUSE_TEST_CHILD_ORIGIN";
 
 /// The child half of [`cleanup_unmounts_a_dead_mount`]: run in a child
-/// process of that same test, it mounts and waits to be killed.
+/// process of that same test, it mounts and waits to be killed. Its stdin
+/// is a pipe from the parent: should the parent die first, the pipe ends
+/// and so does the child (no orphan keeps a mount).
 fn child_mounts_and_waits() {
     let (Some(mountpoint), Some(origin)) = (
         std::env::var_os(CHILD_MOUNT),
@@ -449,8 +463,8 @@ fn child_mounts_and_waits() {
     );
     rt.block_on(fs.preflight(Duration::from_secs(5))).unwrap();
     let _mounted = mount(fs, Path::new(&mountpoint)).unwrap();
-    // Killed by the parent; the deadline only stops an orphan.
-    std::thread::sleep(Duration::from_secs(60));
+    // Blocks until the parent kills us (or its end of the pipe closes).
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
 }
 
 #[test]
@@ -467,18 +481,17 @@ fn cleanup_unmounts_a_dead_mount() {
         .args(["--exact", "cleanup_unmounts_a_dead_mount", "--nocapture"])
         .env(CHILD_MOUNT, mnt.path())
         .env(CHILD_ORIGIN, src.path())
+        .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !is_mounted(mnt.path()) {
+    wait_until("the child mounts", || {
         if let Some(status) = child.try_wait().unwrap() {
             panic!("the child exited ({status}) without mounting");
         }
-        assert!(Instant::now() < deadline, "the child never mounted");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        is_mounted(mnt.path())
+    });
     assert_eq!(fs::read(mnt.path().join("music/a.flac")).unwrap(), b"x");
 
     // The process behind the mount dies: the mount is dead, not gone.
@@ -515,11 +528,9 @@ fn listings_refresh_in_the_background() {
     write_file(src.path(), "new.flac", b"new").unwrap();
     write_file(src.path(), "a.flac", &v2).unwrap();
     // Served from the stale listing at first; the refresh shows the change.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !(names(&top).contains("new.flac") && fs::metadata(&a).unwrap().len() == 20_000) {
-        assert!(Instant::now() < deadline, "the change never showed up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("the change shows up", || {
+        names(&top).contains("new.flac") && fs::metadata(&a).unwrap().len() == 20_000
+    });
     assert!(fs::read(&a).unwrap() == v2, "the new version is read");
     assert_eq!(fs::read(top.join("new.flac")).unwrap(), b"new");
 }

@@ -140,6 +140,9 @@ pub struct OriginStats {
     pub health_calls: u64,
     /// Calls that returned an error, injected or from the inner origin.
     pub failures: u64,
+    /// The `list` calls among `failures`: counted when the error returns,
+    /// so a test can wait for a directory refresh to have failed.
+    pub list_failures: u64,
     /// `read_range` calls currently running, including injected delays.
     pub in_flight_reads: u64,
     /// The most `read_range` calls that ran at once.
@@ -200,6 +203,7 @@ struct Counters {
     stat_calls: AtomicU64,
     health_calls: AtomicU64,
     failures: AtomicU64,
+    list_failures: AtomicU64,
     in_flight_reads: AtomicU64,
     max_in_flight_reads: AtomicU64,
 }
@@ -298,6 +302,7 @@ impl FaultyOrigin {
             stat_calls: load(&c.stat_calls),
             health_calls: load(&c.health_calls),
             failures: load(&c.failures),
+            list_failures: load(&c.list_failures),
             in_flight_reads: load(&c.in_flight_reads),
             max_in_flight_reads: load(&c.max_in_flight_reads),
         }
@@ -315,6 +320,7 @@ impl FaultyOrigin {
             &c.stat_calls,
             &c.health_calls,
             &c.failures,
+            &c.list_failures,
         ] {
             counter.store(0, Ordering::SeqCst);
         }
@@ -428,6 +434,9 @@ impl Origin for FaultyOrigin {
             Ok(_) => self.inner.list(path).await,
             Err(e) => Err(e),
         };
+        if result.is_err() {
+            self.counters.list_failures.fetch_add(1, Ordering::SeqCst);
+        }
         self.count_failure(result)
     }
 
@@ -533,6 +542,7 @@ mod tests {
         let tail = read(&f, &p(FILE), 9_500, 1000).await.unwrap();
         assert_eq!(tail.len(), 500);
         f.list(&p("a")).await.unwrap();
+        assert!(f.list(&p("missing")).await.unwrap_err().is_not_found());
         f.stat(&p(FILE)).await.unwrap();
         f.health().await.unwrap();
         assert!(f.stat(&p("missing")).await.unwrap_err().is_not_found());
@@ -541,10 +551,11 @@ mod tests {
             OriginStats {
                 read_calls: 2,
                 bytes_served: 1500,
-                list_calls: 1,
+                list_calls: 2,
                 stat_calls: 2,
                 health_calls: 1,
-                failures: 1,
+                failures: 2,
+                list_failures: 1,
                 in_flight_reads: 0,
                 max_in_flight_reads: 1,
             }

@@ -108,29 +108,42 @@ fn chunks_of(cache: &Cache, path: &str) -> Vec<(u64, ChunkId, u32)> {
         .collect()
 }
 
-/// Waits (real time, bounded) until the file's manifest covers it whole.
+/// Bounds every wait on an event in this file. Real time, also in tests on
+/// tokio's paused clock, so it only ends a hang and never decides an
+/// outcome on a busy machine.
+const HANG: Duration = Duration::from_secs(60);
+
+/// Waits until the file's manifest covers it whole.
 async fn wait_cached(cache: &Cache, path: &str) {
-    for _ in 0..500 {
-        if let Ok(Some(m)) = cache.index().manifest(&oid("lib"), &p(path)) {
-            if m.is_complete() {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{path} was not fully cached within 5 s");
+    eventually(&format!("{path} fully cached"), || {
+        cache
+            .index()
+            .manifest(&oid("lib"), &p(path))
+            .is_ok_and(|m| m.is_some_and(|m| m.is_complete()))
+    })
+    .await;
 }
 
-/// Waits (bounded: 1000 polls 10 ms apart, real or paused time) until
-/// `cond` holds.
+/// Waits until `cond` holds, polling every 10 ms (real or paused time);
+/// fails the test after [`HANG`] of real time.
 async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    for _ in 0..1000 {
-        if cond() {
-            return;
-        }
+    let deadline = std::time::Instant::now() + HANG;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {HANG:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("{what}: not within 10 s");
+}
+
+/// Waits until no ingest runs (each stops by itself once it has run its
+/// read-ahead past the furthest read, or reached the end of its file).
+async fn wait_ingests_idle(cache: &Cache) {
+    assert!(
+        cache.wait_for_ingests(HANG).await,
+        "an ingest still runs after {HANG:?}"
+    );
 }
 
 // ---------------------------------------------------------------- health
@@ -674,8 +687,8 @@ async fn cold_first_read_does_not_fetch_the_whole_file() {
         ttfb <= round_trip * 2,
         "first 64 KiB took {ttfb:?}, one round trip is {round_trip:?}"
     );
-    // Let the ingest run as far as it wants (virtual time), then count.
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // Let the ingest run as far as it wants, then count.
+    wait_ingests_idle(&cache).await;
     let served = faulty.stats().bytes_served;
     assert!(
         served <= 4 * MIB,
@@ -738,7 +751,8 @@ async fn seek_far_ahead_reads_directly_and_stays_right() {
         &mid[..],
         &data[30 * MIB as usize..30 * MIB as usize + 100_000]
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Had the seeks started an ingest, it would run its read-ahead now.
+    wait_ingests_idle(&cache).await;
     assert!(
         faulty.stats().bytes_served < 4 * MIB,
         "seeks dragged the ingest along"
@@ -763,7 +777,7 @@ async fn cached_file_reads_while_the_origin_hangs() {
         .open_file(o.id(), &p("Album/01 - Track.flac"), &meta)
         .await
         .unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(10), h.read(0, 5 * MIB))
+    let got = tokio::time::timeout(HANG, h.read(0, 5 * MIB))
         .await
         .expect("cached read hung")
         .unwrap();
@@ -879,10 +893,11 @@ async fn flapping_origin_reads_are_right_or_typed_and_health_follows() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let failed = Arc::new(AtomicU64::new(0));
+    let read_right = Arc::new(AtomicU64::new(0));
     let mut readers = Vec::new();
     for t in 0..3 {
         let (cache, o, files) = (cache.clone(), o.clone(), files.clone());
-        let (stop, failed) = (stop.clone(), failed.clone());
+        let (stop, failed, read_right) = (stop.clone(), failed.clone(), read_right.clone());
         readers.push(tokio::spawn(async move {
             for i in t.. {
                 if stop.load(Ordering::SeqCst) {
@@ -894,7 +909,10 @@ async fn flapping_origin_reads_are_right_or_typed_and_health_follows() {
                     read_all(&cache, &o, path, 128 * 1024),
                 );
                 match read.await.expect("a read hung on a flapping origin") {
-                    Ok(got) => assert!(&got == data, "wrong bytes for {path}"),
+                    Ok(got) => {
+                        assert!(&got == data, "wrong bytes for {path}");
+                        read_right.fetch_add(1, Ordering::SeqCst);
+                    }
                     Err(CasError::Origin(e)) if e.is_retryable() => {
                         failed.fetch_add(1, Ordering::SeqCst);
                         // An injected failure returns at once; back off as
@@ -919,7 +937,13 @@ async fn flapping_origin_reads_are_right_or_typed_and_health_follows() {
             state() == Some(HealthState::Healthy)
         })
         .await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Up until a reader has read a whole file right since the monitor
+        // saw the origin back.
+        let right_before = read_right.load(Ordering::SeqCst);
+        eventually(&format!("flip {flip}: a right read"), || {
+            read_right.load(Ordering::SeqCst) > right_before
+        })
+        .await;
     }
     stop.store(true, Ordering::SeqCst);
     for r in readers {
@@ -1148,15 +1172,11 @@ async fn test_passthrough_mode_when_cache_disk_dead() {
         files[1].1
     );
     // The ingest's write fails in the background, after the reads it fed.
-    let mut degraded = None;
-    for _ in 0..500 {
-        degraded = cache.stats().degraded;
-        if degraded.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let degraded = degraded.expect("cache marked degraded");
+    eventually("the cache turns degraded", || {
+        cache.stats().degraded.is_some()
+    })
+    .await;
+    let degraded = cache.stats().degraded.expect("cache marked degraded");
     assert!(degraded.contains("read-only"), "{degraded}");
     // Cached: still served from the (readable) chunks.
     faulty.reset_stats();
@@ -1169,19 +1189,22 @@ async fn test_passthrough_mode_when_cache_disk_dead() {
     fs.make_writable();
     // Nobody calls for a probe: reads alone bring the cache back (the store
     // probes the disk at most every 5 s).
-    let mut recovered = false;
-    for _ in 0..100 {
+    let deadline = std::time::Instant::now() + HANG;
+    loop {
         assert_eq!(
             read_all(&cache, &o, "p2.flac", MIB).await.unwrap(),
             files[2].1
         );
         if cache.stats().degraded.is_none() {
-            recovered = true;
             break;
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cache did not recover by itself within {HANG:?}"
+        );
+        // Reads at a player's pace, not a spin.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(recovered, "the cache did not recover by itself within 10 s");
     assert_eq!(
         read_all(&cache, &o, "p2.flac", MIB).await.unwrap(),
         files[2].1
@@ -1237,19 +1260,19 @@ async fn disk_filled_by_others_passes_through_then_recovers_when_space_returns()
     std::fs::remove_file(&filler).unwrap();
     // Reads alone bring the cache back (a probe at most every 5 s).
     let (path, data) = &files[2];
-    let mut recovered = false;
-    for _ in 0..100 {
+    let deadline = std::time::Instant::now() + HANG;
+    loop {
         assert!(&read_all(&cache, &o, path, MIB).await.unwrap() == data);
         if cache.stats().degraded.is_none() {
-            recovered = true;
             break;
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cache did not recover within {HANG:?} of space returning"
+        );
+        // Reads at a player's pace, not a spin.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(
-        recovered,
-        "the cache did not recover within 10 s of space returning"
-    );
     assert!(&read_all(&cache, &o, path, MIB).await.unwrap() == data);
     wait_cached(&cache, path).await;
 }
@@ -1310,6 +1333,7 @@ fn test_fd_exhaustion_handling() {
         .unwrap_or_else(|| panic!("no summary:\n{stdout}\n{stderr}"));
     assert!(line.contains("wrong=0"), "{line}");
     assert!(line.contains("lasting=typed"), "{line}");
+    assert!(line.contains("queued=true"), "{line}");
     assert!(line.contains("queued_ok=15"), "{line}");
 }
 
@@ -1325,7 +1349,9 @@ fn fd_child() {
         for (path, data) in &files {
             write_file(lib.path(), path, data).unwrap();
         }
-        let o: DynOrigin = Arc::new(LocalOrigin::new(oid("lib"), lib.path()));
+        // Wrapped only to see when a read has reached the origin.
+        let counted = FaultyOrigin::new(Arc::new(LocalOrigin::new(oid("lib"), lib.path())));
+        let o: DynOrigin = counted.clone();
         let dir = TempDir::new().unwrap();
         let (cache, _) = Cache::open(CacheConfig::new(dir.path(), 1 << 30))
             .await
@@ -1357,12 +1383,29 @@ fn fd_child() {
         };
         drop(hog);
         // A moment's exhaustion: reads started while no fd is free queue,
-        // and all complete right once other files close.
+        // and all complete right once other files close. The fds are let go
+        // once a read waits at the origin (or, should none get that far,
+        // once something has failed: holding on would only hide why).
+        counted.reset_stats();
         let hog = hog_fds();
-        let release = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
-            drop(hog);
-        });
+        let release = {
+            let counted = counted.clone();
+            std::thread::spawn(move || {
+                let deadline = std::time::Instant::now() + HANG;
+                let queued = loop {
+                    let s = counted.stats();
+                    if s.in_flight_reads > 0 {
+                        break true;
+                    }
+                    if s.failures > 0 || std::time::Instant::now() >= deadline {
+                        break false;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                };
+                drop(hog);
+                queued
+            })
+        };
         let reads = files.iter().skip(1).map(|(path, data)| {
             let (cache, o) = (cache.clone(), o.clone());
             async move {
@@ -1377,10 +1420,12 @@ fn fd_child() {
             }
         });
         let results = futures::future::join_all(reads).await;
-        release.join().unwrap();
+        let queued = release.join().unwrap();
         let queued_ok: usize = results.iter().map(|r| r.0).sum();
         wrong += results.iter().map(|r| r.1).sum::<usize>();
-        println!("fd-child: exhausted lasting={lasting} queued_ok={queued_ok} wrong={wrong}");
+        println!(
+            "fd-child: exhausted lasting={lasting} queued={queued} queued_ok={queued_ok} wrong={wrong}"
+        );
     });
 }
 

@@ -18,6 +18,20 @@ use musicfs_origins::{DynOrigin, LocalOrigin, OriginId, OriginPath};
 use tempfile::TempDir;
 use tokio::runtime::Runtime;
 
+/// Bounds every wait on an event in the mount tests: it only ends a hang,
+/// so it is far longer than anything takes on a busy machine.
+pub const HANG: Duration = Duration::from_secs(60);
+
+/// Waits until `cond` holds, polling every 20 ms; fails the test with
+/// `what` after [`HANG`].
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + HANG;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not within {HANG:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A mounted MusicFS with its runtime and cache; unmounts on drop.
 pub struct Harness {
     pub mounted: Option<Mounted>,
@@ -84,15 +98,10 @@ impl Harness {
     pub fn wait_cached(&self, origin: &str, path: &str) {
         let origin = OriginId::new(origin).unwrap();
         let path = OriginPath::new(path).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        wait_until(&format!("{path} fully cached"), || {
             let manifest = self.cache.index().manifest(&origin, &path).unwrap();
-            if manifest.is_some_and(|m| m.is_complete()) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{path} was never fully cached");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            manifest.is_some_and(|m| m.is_complete())
+        });
     }
 }
 
