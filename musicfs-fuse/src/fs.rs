@@ -21,6 +21,10 @@
 //!   directory runs; a failed refresh keeps the old listing (an unreachable
 //!   origin must not empty the library) and is not retried for
 //!   `listing_ttl` (at least a second), so a dead origin is not hammered.
+//! - An origin's root listing that comes back empty never replaces a
+//!   non-empty cached one: an emptied root is a NAS that looks unmounted
+//!   (the origins' `RootGuard` says so first; this is the same rule for
+//!   origins without one), and only `musicfs forget` drops a cached tree.
 //! - Directory streams are snapshots taken at `opendir`, so a refresh in the
 //!   middle of a long `readdir` cannot skip or repeat entries.
 //! - `open` pins the version from the cached listing (the cache serves only
@@ -306,6 +310,7 @@ impl Inner {
                 })
             }
         };
+        self.refuse_emptied_root(dir, &entries)?;
         Ok(self.store_listing(
             dir,
             Listing {
@@ -313,6 +318,37 @@ impl Inner {
                 entries,
             },
         ))
+    }
+
+    /// An empty listing of an origin's root while the cache holds a
+    /// non-empty one is an error (the origin looks unmounted), so that it is
+    /// never stored over the cached tree.
+    fn refuse_emptied_root(
+        &self,
+        dir: &NodeKey,
+        entries: &[DirEntry],
+    ) -> std::result::Result<(), OriginError> {
+        if !dir.path.is_root() || !entries.is_empty() {
+            return Ok(());
+        }
+        let memo = self.memo.lock().get(dir).map(|l| l.entries.len());
+        let held = match memo {
+            Some(n) => n,
+            None => match self.cache.index().listing(&dir.origin, &dir.path) {
+                Ok(Some(l)) => l.entries.len(),
+                _ => 0,
+            },
+        };
+        if held == 0 {
+            return Ok(());
+        }
+        Err(OriginError::Unavailable {
+            origin: dir.origin.clone(),
+            reason: format!(
+                "its root lists empty but the cache holds {held} entries for it: it looks \
+                 unmounted; the cached tree is served until it is back"
+            ),
+        })
     }
 
     fn store_listing(&self, dir: &NodeKey, listing: Listing) -> Arc<DirListing> {
@@ -469,8 +505,16 @@ impl Inner {
         };
         let deadline = tokio::time::Instant::now() + probe_timeout;
         let fetched_at_ns = now_ns();
-        let reason = match tokio::time::timeout_at(deadline, origin.list(&root)).await {
-            Ok(Ok(entries)) => {
+        let listed = match tokio::time::timeout_at(deadline, origin.list(&root)).await {
+            Ok(Ok(entries)) => self.refuse_emptied_root(&key, &entries).map(|()| entries),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(OriginError::Timeout {
+                origin: id.clone(),
+                timeout: probe_timeout,
+            }),
+        };
+        let reason = match listed {
+            Ok(entries) => {
                 let count = entries.len();
                 self.store_listing(
                     &key,
@@ -488,12 +532,7 @@ impl Inner {
                 info!(origin = %id, entries = count, "origin answers");
                 return Ok(());
             }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => OriginError::Timeout {
-                origin: id.clone(),
-                timeout: probe_timeout,
-            }
-            .to_string(),
+            Err(e) => e.to_string(),
         };
         match self.cache.index().listing(&id, &root) {
             Ok(Some(_)) => {
