@@ -267,24 +267,41 @@ fn cached_root(cache: &Cache, origin: &OriginSpec) -> Vec<musicfs_origins::DirEn
     }
 }
 
+fn is_absent(origin: &OriginSpec) -> bool {
+    matches!(std::fs::symlink_metadata(&origin.location), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+}
+
+fn absent_and_uncached(origin: &OriginSpec) -> UsageError {
+    UsageError(format!(
+        "origin {}: {} does not exist and nothing of it is cached: check the path (or mount \
+         the NAS first)",
+        origin.name,
+        origin.location.display()
+    ))
+}
+
+/// An absent origin with no cache at all is refused before anything is
+/// created or locked.
+fn check_absent_origins_without_cache(
+    cache_dir: &Path,
+    origins: &[OriginSpec],
+) -> Result<(), UsageError> {
+    if cache_dir.join("index.sled").exists() {
+        return Ok(());
+    }
+    match origins.iter().find(|o| is_absent(o)) {
+        Some(o) => Err(absent_and_uncached(o)),
+        None => Ok(()),
+    }
+}
+
 /// An absent origin is an unmounted NAS while the cache holds its tree
 /// (served until it is back); with nothing cached it is a mistake.
 fn check_absent_origins(cache: &Cache, origins: &[OriginSpec]) -> Result<(), UsageError> {
-    for o in origins {
-        let Err(e) = std::fs::symlink_metadata(&o.location) else {
-            continue;
-        };
-        if e.kind() != std::io::ErrorKind::NotFound {
-            continue;
-        }
+    for o in origins.iter().filter(|o| is_absent(o)) {
         let cached = cached_root(cache, o).len();
         if cached == 0 {
-            return Err(UsageError(format!(
-                "origin {}: {} does not exist and nothing of it is cached: check the path (or \
-                 mount the NAS first)",
-                o.name,
-                o.location.display()
-            )));
+            return Err(absent_and_uncached(o));
         }
         warn!(
             origin = %o.name,
@@ -307,13 +324,13 @@ pub fn run(args: MountArgs, log_flag: Option<String>) -> Result<ExitCode> {
     let resolved = placement::resolve(&s.mountpoint);
     placement::refuse_live_mount(&resolved)?;
     placement::refuse_nesting(&resolved, &s.origins)?;
+    check_absent_origins_without_cache(&s.cache_dir, &s.origins)?;
     prepare_mountpoint(&s.mountpoint)?;
     let mountpoint = s
         .mountpoint
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", s.mountpoint.display()))?;
     let lock = CacheLock::acquire(&s.cache_dir)?;
-    info!(lock = %lock.path().display(), pid = std::process::id(), "cache locked");
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
@@ -337,12 +354,6 @@ pub fn run(args: MountArgs, log_flag: Option<String>) -> Result<ExitCode> {
         );
     }
     let budget = fds::FdBudget::split(fd_limit, s.origins.len(), LocalOrigin::DEFAULT_MAX_BLOCKING);
-    info!(
-        fd_limit,
-        store = budget.store,
-        per_origin = budget.per_origin,
-        "fd budget"
-    );
 
     let mut config = CacheConfig::new(&s.cache_dir, s.cache_size);
     config.origin_timeout = s.read_timeout;
@@ -355,6 +366,14 @@ pub fn run(args: MountArgs, log_flag: Option<String>) -> Result<ExitCode> {
     }
 
     check_absent_origins(&cache, &s.origins)?;
+    // Logged once the input is known good, so a usage error stays one line.
+    info!(lock = %lock.path().display(), pid = std::process::id(), "cache locked");
+    info!(
+        fd_limit,
+        store = budget.store,
+        per_origin = budget.per_origin,
+        "fd budget"
+    );
 
     let health = Arc::new(HealthMonitor::new(s.health_timeout));
     let mut origins: Vec<DynOrigin> = Vec::new();
