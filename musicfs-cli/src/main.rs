@@ -126,6 +126,9 @@ fn main() -> ExitCode {
             forget::run(&name, cache_dir.unwrap_or_else(config::default_cache_dir))
         }
     };
+    // Queued log lines first (bounded: the terminal may have stopped
+    // reading), so the last line below comes last.
+    output::flush_logs(std::time::Duration::from_secs(1));
     // The terminal may be gone by now (a mount outlives it): these lines
     // must not panic on a failed write.
     match result {
