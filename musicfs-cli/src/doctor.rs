@@ -225,18 +225,19 @@ pub fn run(cache_dir: PathBuf, mountpoint: Option<PathBuf>) -> Result<ExitCode> 
     }
 }
 
-/// FUSE mounts of musicfs listed in /proc/mounts.
+/// MusicFS mounts in the mount table: a source `musicfs:PID` (the fsname
+/// names its serving process), or `musicfs` and a `fuse.musicfs` type from
+/// older versions.
 fn fuse_mounts() -> Vec<PathBuf> {
-    let Ok(text) = std::fs::read_to_string("/proc/mounts") else {
-        return Vec::new();
-    };
-    text.lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (src, dst, ty) = (f.next()?, f.next()?, f.next()?);
-            (ty.starts_with("fuse") && (src == "musicfs" || ty.contains("musicfs")))
-                .then(|| PathBuf::from(dst.replace("\\040", " ")))
+    crate::mountinfo::read()
+        .into_iter()
+        .filter(|e| {
+            e.fstype.starts_with("fuse")
+                && (musicfs_fuse::serving_pid(&e.source).is_some()
+                    || e.source == "musicfs"
+                    || e.fstype.contains("musicfs"))
         })
+        .map(|e| e.mount_point)
         .collect()
 }
 

@@ -429,6 +429,19 @@ pub fn run(args: MountArgs, log_flag: Option<String>) -> Result<ExitCode> {
         warn!(error = %e, "cannot record the mount in the cache dir; status and doctor will know less");
     }
 
+    // Installed before mounting: from the moment the mount exists, a
+    // SIGTERM or Ctrl-C unmounts it instead of killing the process and
+    // leaving a dead mount. Before this, they end the process as usual
+    // (nothing is mounted yet).
+    let (mut term, mut int) = rt
+        .block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            ))
+        })
+        .context("cannot handle SIGTERM and SIGINT")?;
     let mounted = musicfs_fuse::mount(fs, &mountpoint)
         .with_context(|| format!("cannot mount at {}", mountpoint.display()))?;
     let _enter = rt.enter();
@@ -449,9 +462,6 @@ pub fn run(args: MountArgs, log_flag: Option<String>) -> Result<ExitCode> {
 
     let mut reloader = Reloader::new(args, log_flag, s.clone(), Arc::clone(&health));
     let reason = rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         loop {
             tokio::select! {

@@ -470,5 +470,16 @@ fn a_mount_on_a_live_mount_names_the_pid_serving_it() {
     assert!(err.contains(&format!("kill {}", d.pid())), "{err}");
     // The first mount is untouched.
     assert_eq!(std::fs::read(mp.join("lib/t.flac")).unwrap(), b"fLaC");
+    // doctor finds it in the mount table by its fsname, from any cache dir.
+    let out = musicfs(&[
+        "doctor",
+        "--cache-dir",
+        tmp.path().join("cache3").to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("{}: reachable", mp.display())),
+        "{text}"
+    );
     d.stop();
 }

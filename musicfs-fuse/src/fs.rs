@@ -1303,6 +1303,43 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_root_never_replaces_a_cached_one() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, _) = rt
+            .block_on(Cache::open(musicfs_cas::CacheConfig::new(
+                dir.path(),
+                1 << 20,
+            )))
+            .unwrap();
+        let fs = MusicFs::new(cache, Vec::new(), FsConfig::default(), rt.handle().clone());
+        let key = |path: &str| NodeKey {
+            origin: OriginId::new("nas").unwrap(),
+            path: OriginPath::new(path).unwrap(),
+        };
+        let root = key("");
+        // A new, empty library is just empty.
+        assert!(fs.inner.refuse_emptied_root(&root, &[]).is_ok());
+        let album = vec![entry("Album", EntryKind::Dir)];
+        fs.inner.store_listing(
+            &root,
+            Listing {
+                fetched_at_ns: now_ns(),
+                entries: album.clone(),
+            },
+        );
+        let e = fs.inner.refuse_emptied_root(&root, &[]).unwrap_err();
+        assert!(e.is_retryable(), "{e:?}");
+        assert!(e.to_string().contains("looks unmounted"), "{e}");
+        // Only the root, and only an empty answer, is judged so.
+        assert!(fs.inner.refuse_emptied_root(&root, &album).is_ok());
+        assert!(fs.inner.refuse_emptied_root(&key("Album"), &[]).is_ok());
+    }
+
+    #[test]
     fn origin_errors_become_errnos() {
         let origin = OriginId::new("o").unwrap();
         let nf = OriginError::NotFound {
