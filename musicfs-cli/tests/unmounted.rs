@@ -10,7 +10,7 @@ mod daemon;
 
 use std::path::{Path, PathBuf};
 
-use daemon::{is_mounted, musicfs, status, wait_until, Daemon};
+use daemon::{is_mounted, musicfs, status, wait_until, Daemon, DEADLINE};
 use musicfs_test_utils::{copy_tree, library_files, make_library, LibrarySpec};
 use tempfile::TempDir;
 
@@ -49,7 +49,12 @@ impl Setup {
     }
 
     fn start(&self) -> Daemon {
-        let args = self.args();
+        self.start_with(&[])
+    }
+
+    fn start_with(&self, extra: &[&str]) -> Daemon {
+        let mut args = self.args();
+        args.extend(extra.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Daemon::start(&self.mp, &self.cache, &args)
     }
@@ -65,8 +70,8 @@ impl Setup {
     }
 }
 
-/// A library read through a mount once (listings and bytes cached), then
-/// the mount stopped: the daemon's shutdown waits for its ingests.
+/// A library read through a mount once, then the mount stopped once its
+/// cache says every file is fully cached (listings and bytes).
 fn cached_session() -> Setup {
     let lib = make_library(&LibrarySpec::default()).unwrap();
     let tmp = TempDir::new().unwrap();
@@ -81,8 +86,19 @@ fn cached_session() -> Setup {
         mp,
         cache,
     };
-    let mut d = s.start();
+    // Debug, for the cache's "file fully cached" event.
+    let mut d = s.start_with(&["--log-level", "debug"]);
     compare_tree(&s.nas, &s.mp.join("lib"));
+    let files = library_files(&s.nas)
+        .into_iter()
+        .filter(|f| std::fs::metadata(s.nas.join(f)).unwrap().len() > 0)
+        .count();
+    assert!(
+        d.log
+            .wait_for(files, DEADLINE, |l| l.contains("file fully cached")),
+        "not every file got cached:\n{}",
+        d.log.all()
+    );
     d.stop();
     s
 }
