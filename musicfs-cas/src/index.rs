@@ -346,6 +346,25 @@ impl Index {
         Ok(())
     }
 
+    /// Drops every listing and manifest of `origin` (for `musicfs forget`,
+    /// after the user emptied it for real); returns how many of each went.
+    /// Its chunks stay: other files may share them, and eviction ages out
+    /// the rest.
+    pub fn forget_origin(&self, origin: &OriginId) -> Result<(u64, u64)> {
+        let mut prefix = origin.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let drop_all = |tree: &sled::Tree| -> Result<u64> {
+            let mut n = 0;
+            for item in tree.scan_prefix(&prefix) {
+                let (k, _) = item.map_err(sled_err)?;
+                tree.remove(k).map_err(sled_err)?;
+                n += 1;
+            }
+            Ok(n)
+        };
+        Ok((drop_all(&self.listings)?, drop_all(&self.manifests)?))
+    }
+
     pub fn flush(&self) -> Result<()> {
         self.db.flush().map_err(sled_err)?;
         Ok(())
@@ -535,6 +554,35 @@ mod tests {
         idx.put_listing(&o, &album, &listing).unwrap();
         assert_eq!(idx.listing(&o, &album).unwrap(), Some(listing));
         assert_eq!(idx.listing(&o, &utf8.parent().unwrap()).unwrap(), None);
+    }
+
+    #[test]
+    fn forgetting_an_origin_drops_only_its_listings_and_manifests() {
+        let idx = Index::temporary().unwrap();
+        let (a, ab) = (OriginId::new("a").unwrap(), OriginId::new("ab").unwrap());
+        let m = Manifest::new(FileVersion {
+            size: 0,
+            mtime_ns: None,
+            etag: None,
+        });
+        let l = Listing {
+            fetched_at_ns: 1,
+            entries: Vec::new(),
+        };
+        for o in [&a, &ab] {
+            for p in ["", "x", "x/y"] {
+                idx.put_listing(o, &OriginPath::new(p).unwrap(), &l)
+                    .unwrap();
+            }
+            idx.put_manifest(o, &OriginPath::new("x/t.flac").unwrap(), &m)
+                .unwrap();
+        }
+        assert_eq!(idx.forget_origin(&a).unwrap(), (3, 1));
+        assert_eq!(idx.forget_origin(&a).unwrap(), (0, 0));
+        assert!(idx.listing(&a, &OriginPath::root()).unwrap().is_none());
+        // "ab" starts with "a" but is another origin.
+        assert!(idx.listing(&ab, &OriginPath::root()).unwrap().is_some());
+        assert_eq!(idx.manifest_count(), 1);
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub struct FileConfig {
     pub cache_size: Option<SizeValue>,
     pub read_timeout: Option<u64>,
     pub health_timeout: Option<u64>,
+    pub listing_ttl: Option<u64>,
+    pub freshness: Option<u64>,
     #[serde(default)]
     pub origins: Vec<String>,
     pub log_level: Option<String>,

@@ -140,18 +140,43 @@ pub fn run(cache_dir: PathBuf, mountpoint: Option<PathBuf>) -> Result<ExitCode> 
             if o.state == "healthy" {
                 r.ok(line);
             } else {
-                r.act(format!("{line}: check that the origin is reachable; MusicFS serves cached files meanwhile"));
+                // The error says what was seen and what to do.
+                r.act(format!("{line}; MusicFS serves the cached tree meanwhile"));
             }
         }
     } else if let Some(info) = read_mount_info(&cache_dir) {
         for o in info.origins {
-            match stat_with_timeout(&o.location, Duration::from_secs(5)) {
-                Some(Ok(m)) if m.is_dir() => r.ok(format!(
+            let root = probe_root(&o.location, Duration::from_secs(5));
+            let vanished = match &root {
+                Some(Ok(RootSeen::Empty)) => Some("empty"),
+                Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Some("missing"),
+                _ => None,
+            };
+            let cached = vanished.map_or(0, |_| cached_root_entries(&cache_dir, &o.name));
+            if let (Some(seen), true) = (vanished, cached > 0) {
+                r.act(format!(
+                    "origin {} ({}): root is {seen} but the cache holds {cached} entries for it: \
+                     the NAS looks unmounted; mount it (`musicfs mount` serves the cached tree \
+                     meanwhile and rejoins by itself), or if you emptied it on purpose run \
+                     `musicfs forget {}`",
+                    o.name,
+                    o.location.display(),
+                    o.name
+                ));
+                continue;
+            }
+            match root {
+                Some(Ok(RootSeen::Entries)) => r.ok(format!(
                     "origin {} ({}): reachable",
                     o.name,
                     o.location.display()
                 )),
-                Some(Ok(_)) => r.act(format!(
+                Some(Ok(RootSeen::Empty)) => r.ok(format!(
+                    "origin {} ({}): reachable, empty",
+                    o.name,
+                    o.location.display()
+                )),
+                Some(Ok(RootSeen::NotDir)) => r.act(format!(
                     "origin {} ({}): not a directory",
                     o.name,
                     o.location.display()
@@ -200,18 +225,19 @@ pub fn run(cache_dir: PathBuf, mountpoint: Option<PathBuf>) -> Result<ExitCode> 
     }
 }
 
-/// FUSE mounts of musicfs listed in /proc/mounts.
+/// MusicFS mounts in the mount table: a source `musicfs:PID` (the fsname
+/// names its serving process), or `musicfs` and a `fuse.musicfs` type from
+/// older versions.
 fn fuse_mounts() -> Vec<PathBuf> {
-    let Ok(text) = std::fs::read_to_string("/proc/mounts") else {
-        return Vec::new();
-    };
-    text.lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (src, dst, ty) = (f.next()?, f.next()?, f.next()?);
-            (ty.starts_with("fuse") && (src == "musicfs" || ty.contains("musicfs")))
-                .then(|| PathBuf::from(dst.replace("\\040", " ")))
+    crate::mountinfo::read()
+        .into_iter()
+        .filter(|e| {
+            e.fstype.starts_with("fuse")
+                && (musicfs_fuse::serving_pid(&e.source).is_some()
+                    || e.source == "musicfs"
+                    || e.fstype.contains("musicfs"))
         })
+        .map(|e| e.mount_point)
         .collect()
 }
 
@@ -238,13 +264,48 @@ fn nofile() -> (u64, u64) {
     (lim.rlim_cur, lim.rlim_max)
 }
 
-/// A stat that cannot hang doctor on a dead NAS: `None` on timeout (the
-/// stuck thread is left behind; doctor exits soon after).
-fn stat_with_timeout(p: &Path, t: Duration) -> Option<std::io::Result<std::fs::Metadata>> {
+enum RootSeen {
+    Entries,
+    Empty,
+    NotDir,
+}
+
+/// What an origin's root holds, without letting a dead NAS hang doctor:
+/// `None` on timeout (the stuck thread is left behind; doctor exits soon
+/// after).
+fn probe_root(p: &Path, t: Duration) -> Option<std::io::Result<RootSeen>> {
     let (tx, rx) = std::sync::mpsc::channel();
     let p = p.to_owned();
     std::thread::spawn(move || {
-        let _ = tx.send(std::fs::metadata(&p));
+        let seen = std::fs::metadata(&p).and_then(|m| {
+            if !m.is_dir() {
+                return Ok(RootSeen::NotDir);
+            }
+            Ok(match std::fs::read_dir(&p)?.next() {
+                None => RootSeen::Empty,
+                Some(entry) => entry.map(|_| RootSeen::Entries)?,
+            })
+        });
+        let _ = tx.send(seen);
     });
     rx.recv_timeout(t).ok()
+}
+
+/// Entries of the root listing the stopped cache holds for an origin; 0
+/// when none, or when a mount holds the cache.
+fn cached_root_entries(cache_dir: &Path, origin: &str) -> usize {
+    let index = cache_dir.join("index.sled");
+    let Ok(id) = musicfs_origins::OriginId::new(origin) else {
+        return 0;
+    };
+    if lock::holder(cache_dir).is_some() || !index.exists() {
+        return 0;
+    }
+    match musicfs_cas::Index::open(&index) {
+        Ok((idx, _)) => match idx.listing(&id, &musicfs_origins::OriginPath::root()) {
+            Ok(Some(l)) => l.entries.len(),
+            _ => 0,
+        },
+        Err(_) => 0,
+    }
 }

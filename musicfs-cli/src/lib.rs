@@ -1,7 +1,8 @@
 //! The parts of the `musicfs` command that read bytes from disk, as a
 //! library so the fuzz targets (`fuzz/`) can reach them: the config file
-//! and size/origin parsing ([`config`]), and the mount record and status
-//! answer ([`status`], with the cache [`lock`] it reads). The binary
+//! and size/origin parsing ([`config`]), the mount record and status
+//! answer ([`status`], with the cache [`lock`] it reads), and the kernel's
+//! mount table ([`mountinfo`]). The binary
 //! (`src/main.rs`) uses these same modules.
 //!
 //! Invariant: whatever bytes these parsers are given, they return a typed
@@ -9,4 +10,5 @@
 
 pub mod config;
 pub mod lock;
+pub mod mountinfo;
 pub mod status;

@@ -5,14 +5,18 @@
 //! message says what happened); 2 bad input (the message says what to fix).
 
 mod doctor;
+mod forget;
 mod mount;
+mod output;
+mod placement;
+mod reload;
 mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use musicfs_cli::{config, lock, status};
+use musicfs_cli::{config, lock, mountinfo, status};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -67,19 +71,21 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         mountpoint: Option<PathBuf>,
     },
+    /// Drop an origin's cached tree (listings and manifests), after emptying it on purpose.
+    ///
+    /// A mount serves the cached tree of an origin whose root went empty or
+    /// absent (a NAS that looks unmounted); when the library really was
+    /// emptied or moved, run this on the stopped mount's cache so the next
+    /// mount shows the origin as it is. Its chunks age out by LRU eviction.
+    Forget {
+        /// The origin's name (as under the mountpoint, and in `musicfs status`).
+        name: String,
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+    },
 }
 
-fn init_logging(level: Option<&str>) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(level.unwrap_or("info")));
-    use std::io::IsTerminal;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
-}
+use output::init_logging;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -87,7 +93,7 @@ fn main() -> ExitCode {
         Command::Mount(args) => {
             let hint = args.log_level_hint();
             init_logging(cli.log_level.as_deref().or(hint.as_deref()));
-            mount::run(args)
+            mount::run(args, cli.log_level)
         }
         Command::Status { cache_dir, json } => {
             init_logging(Some(cli.log_level.as_deref().unwrap_or("warn")));
@@ -115,15 +121,24 @@ fn main() -> ExitCode {
                 mountpoint,
             )
         }
+        Command::Forget { name, cache_dir } => {
+            init_logging(Some(cli.log_level.as_deref().unwrap_or("warn")));
+            forget::run(&name, cache_dir.unwrap_or_else(config::default_cache_dir))
+        }
     };
+    // Queued log lines first (bounded: the terminal may have stopped
+    // reading), so the last line below comes last.
+    output::flush_logs(std::time::Duration::from_secs(1));
+    // The terminal may be gone by now (a mount outlives it): these lines
+    // must not panic on a failed write.
     match result {
         Ok(code) => code,
         Err(e) => {
             if let Some(u) = e.downcast_ref::<config::UsageError>() {
-                eprintln!("musicfs: {u}");
+                output::complain(&format!("musicfs: {u}"));
                 return ExitCode::from(2);
             }
-            eprintln!("musicfs: {e:#}");
+            output::complain(&format!("musicfs: {e:#}"));
             ExitCode::from(1)
         }
     }

@@ -1,12 +1,16 @@
 //! `musicfs mount`: the daemon's life from flags to a clean exit.
 //!
-//! Order matters: validate input (exit 2 on mistakes), clean up a dead mount
-//! a crash left at the mountpoint, take the cache lock (a second mount fails
-//! at once, naming the holder), open the cache (healing it), check the
-//! origins (one that is down is fine if its listing is cached), mount, then
-//! wait for SIGINT/SIGTERM or an external unmount. Shutdown unmounts
-//! (lazily if a hung origin keeps the kernel busy), flushes the index and
-//! exits 0 within a few seconds even while an origin hangs.
+//! Order matters: validate input (exit 2 on mistakes: also a mountpoint
+//! inside an origin or the other way round, and a mountpoint a live MusicFS
+//! serves, named by its PID), clean up a dead mount a crash left at the
+//! mountpoint, take the cache lock (a second mount fails at once, naming
+//! the holder), open the cache (healing it), check the origins (one that is
+//! down, absent or emptied is fine if its listing is cached; absent with
+//! nothing cached is exit 2), mount, then wait for SIGINT/SIGTERM or an
+//! external unmount. SIGHUP (a closed terminal) never stops it: it reloads
+//! what it can from `--config` (see `reload`). Shutdown unmounts (lazily if
+//! a hung origin keeps the kernel busy), flushes the index and exits 0
+//! within a few seconds even while an origin hangs.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -17,14 +21,19 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use musicfs_cas::{Cache, CacheConfig};
 use musicfs_fuse::{FsConfig, MusicFs};
-use musicfs_origins::{fds, DynOrigin, HealthMonitor, LocalOrigin, RetryOrigin, RetryPolicy};
+use musicfs_origins::{
+    fds, DynOrigin, HealthMonitor, LocalOrigin, OriginPath, RetryOrigin, RetryPolicy, RootGuard,
+};
 use tracing::{info, warn};
 
 use crate::config::{self, FileConfig, OriginSpec, UsageError};
 use crate::lock::CacheLock;
+use crate::output::say;
+use crate::placement;
+use crate::reload::Reloader;
 use crate::status::{self, MountInfo, OriginInfo};
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct MountArgs {
     /// Where the library appears (an existing, empty directory).
     pub mountpoint: PathBuf,
@@ -43,7 +52,13 @@ pub struct MountArgs {
     /// Seconds an origin health check may take before the origin counts as down [default: 5]
     #[arg(long, value_name = "SECS")]
     pub health_timeout: Option<u64>,
-    /// A TOML file with the same settings (cache_dir, cache_size, read_timeout, health_timeout, origins, log_level); flags override it.
+    /// Seconds a cached directory listing is served before it is refreshed from the origin in the background [default: 60]
+    #[arg(long, value_name = "SECS")]
+    pub listing_ttl: Option<u64>,
+    /// The staleness bound in seconds: a new open of a file whose version was last confirmed longer ago asks the origin first, so a file changed on a healthy origin is served new at most this long after the change; 0 asks at every open [default: 2]
+    #[arg(long, value_name = "SECS")]
+    pub freshness: Option<u64>,
+    /// A TOML file with the same settings (cache_dir, cache_size, read_timeout, health_timeout, listing_ttl, freshness, origins, log_level); flags override it. SIGHUP re-reads it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
@@ -59,17 +74,20 @@ impl MountArgs {
     }
 }
 
-#[derive(Debug)]
-struct Settings {
-    mountpoint: PathBuf,
-    origins: Vec<OriginSpec>,
-    cache_dir: PathBuf,
-    cache_size: u64,
-    read_timeout: Duration,
-    health_timeout: Duration,
+/// What a mount runs with: flags over the config file over defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Settings {
+    pub mountpoint: PathBuf,
+    pub origins: Vec<OriginSpec>,
+    pub cache_dir: PathBuf,
+    pub cache_size: u64,
+    pub read_timeout: Duration,
+    pub health_timeout: Duration,
+    pub listing_ttl: Duration,
+    pub freshness: Duration,
 }
 
-fn settings(args: MountArgs) -> Result<Settings, UsageError> {
+pub(crate) fn settings(args: MountArgs) -> Result<Settings, UsageError> {
     let file = match &args.config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
@@ -130,8 +148,29 @@ fn settings(args: MountArgs) -> Result<Settings, UsageError> {
             config::DEFAULT_HEALTH_TIMEOUT,
             "health-timeout",
         )?,
+        listing_ttl: secs(
+            args.listing_ttl,
+            file.listing_ttl,
+            FsConfig::default().listing_ttl,
+            "listing-ttl",
+        )?,
+        // 0 is meaningful here: confirm at every open.
+        freshness: args
+            .freshness
+            .or(file.freshness)
+            .map_or(FsConfig::default().freshness, Duration::from_secs),
         origins,
     })
+}
+
+/// Absolute, resolved origin paths, so the cache dir's record means the
+/// same thing to `status`, `verify` and `doctor` run from anywhere, and
+/// nesting is judged on real paths. A path that cannot be resolved now
+/// (NAS down) is resolved as far as it exists.
+pub(crate) fn resolve_origins(s: &mut Settings) {
+    for o in &mut s.origins {
+        o.location = placement::resolve(&o.location);
+    }
 }
 
 /// A dead FUSE mount answers ENOTCONN; clean it before checking anything.
@@ -177,18 +216,12 @@ fn prepare_mountpoint(mp: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuses an origin that is certainly not a directory. An absent one is
+/// judged once the cache is open (see [`cached_root`]): a NAS that does not
+/// answer is the health monitor's business, not a usage error.
 fn check_origin_paths(origins: &[OriginSpec]) -> Result<(), UsageError> {
     for o in origins {
-        // Only what is certainly wrong is refused here: a NAS that does not
-        // answer is the health monitor's business, not a usage error.
         match std::fs::symlink_metadata(&o.location) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(UsageError(format!(
-                    "origin {}: {} does not exist",
-                    o.name,
-                    o.location.display()
-                )))
-            }
             Ok(m) if !m.is_dir() && !m.file_type().is_symlink() => {
                 return Err(UsageError(format!(
                     "origin {}: {} is not a directory",
@@ -223,25 +256,90 @@ fn limit_malloc_arenas() {
     }
 }
 
-pub fn run(args: MountArgs) -> Result<ExitCode> {
-    limit_malloc_arenas();
-    let mut s = settings(args)?;
-    check_origin_paths(&s.origins)?;
-    // Absolute paths, so the cache dir's record means the same thing to
-    // `status`, `verify` and `doctor` run from anywhere. A path that cannot
-    // be resolved now (NAS down) is made absolute without touching it.
-    for o in &mut s.origins {
-        o.location = o.location.canonicalize().unwrap_or_else(|_| {
-            std::path::absolute(&o.location).unwrap_or_else(|_| o.location.clone())
-        });
+/// Until the runtime's SIGHUP handler is installed, a SIGHUP is ignored
+/// instead of ending the process (its default action): the terminal may
+/// close while the cache opens.
+fn ignore_sighup_until_handled() {
+    // SAFETY: sets the SIG_IGN disposition, which runs no code of ours in
+    // signal context; called before the mount starts any thread.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
     }
+}
+
+/// The root listing the cache holds for `origin`; empty when none (or an
+/// empty one) is cached.
+fn cached_root(cache: &Cache, origin: &OriginSpec) -> Vec<musicfs_origins::DirEntry> {
+    match cache.index().listing(&origin.name, &OriginPath::root()) {
+        Ok(Some(listing)) => listing.entries,
+        _ => Vec::new(),
+    }
+}
+
+fn is_absent(origin: &OriginSpec) -> bool {
+    matches!(std::fs::symlink_metadata(&origin.location), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+}
+
+fn absent_and_uncached(origin: &OriginSpec) -> UsageError {
+    UsageError(format!(
+        "origin {}: {} does not exist and nothing of it is cached: check the path (or mount \
+         the NAS first)",
+        origin.name,
+        origin.location.display()
+    ))
+}
+
+/// An absent origin with no cache at all is refused before anything is
+/// created or locked.
+fn check_absent_origins_without_cache(
+    cache_dir: &Path,
+    origins: &[OriginSpec],
+) -> Result<(), UsageError> {
+    if cache_dir.join("index.sled").exists() {
+        return Ok(());
+    }
+    match origins.iter().find(|o| is_absent(o)) {
+        Some(o) => Err(absent_and_uncached(o)),
+        None => Ok(()),
+    }
+}
+
+/// An absent origin is an unmounted NAS while the cache holds its tree
+/// (served until it is back); with nothing cached it is a mistake.
+fn check_absent_origins(cache: &Cache, origins: &[OriginSpec]) -> Result<(), UsageError> {
+    for o in origins.iter().filter(|o| is_absent(o)) {
+        let cached = cached_root(cache, o).len();
+        if cached == 0 {
+            return Err(absent_and_uncached(o));
+        }
+        warn!(
+            origin = %o.name,
+            location = %o.location.display(),
+            cached_entries = cached,
+            "the origin's root is absent: the NAS looks unmounted; serving its cached tree until it is back"
+        );
+    }
+    Ok(())
+}
+
+/// Runs a mount until SIGINT, SIGTERM or an external unmount. `log_flag`
+/// is the global `--log-level` flag (a SIGHUP reload does not override it).
+pub fn run(args: MountArgs, log_flag: Option<String>) -> Result<ExitCode> {
+    ignore_sighup_until_handled();
+    limit_malloc_arenas();
+    let mut s = settings(args.clone())?;
+    check_origin_paths(&s.origins)?;
+    resolve_origins(&mut s);
+    let resolved = placement::resolve(&s.mountpoint);
+    placement::refuse_live_mount(&resolved)?;
+    placement::refuse_nesting(&resolved, &s.origins)?;
+    check_absent_origins_without_cache(&s.cache_dir, &s.origins)?;
     prepare_mountpoint(&s.mountpoint)?;
     let mountpoint = s
         .mountpoint
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", s.mountpoint.display()))?;
     let lock = CacheLock::acquire(&s.cache_dir)?;
-    info!(lock = %lock.path().display(), pid = std::process::id(), "cache locked");
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
@@ -249,6 +347,10 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
         .thread_name("musicfs")
         .build()
         .context("cannot start the async runtime")?;
+    // From here a SIGHUP waits in this stream for the main loop to reload.
+    let mut hangup = rt
+        .block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) })
+        .context("cannot handle SIGHUP")?;
 
     // Our own fd use is bounded by the limit we run under (a raised soft
     // limit when the hard one allows), so a burst of readers queues on the
@@ -261,12 +363,6 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
         );
     }
     let budget = fds::FdBudget::split(fd_limit, s.origins.len(), LocalOrigin::DEFAULT_MAX_BLOCKING);
-    info!(
-        fd_limit,
-        store = budget.store,
-        per_origin = budget.per_origin,
-        "fd budget"
-    );
 
     let mut config = CacheConfig::new(&s.cache_dir, s.cache_size);
     config.origin_timeout = s.read_timeout;
@@ -278,6 +374,16 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
         warn!(reason = ?opened.index.reason, "the cache index was damaged and has been rebuilt from the chunk files");
     }
 
+    check_absent_origins(&cache, &s.origins)?;
+    // Logged once the input is known good, so a usage error stays one line.
+    info!(lock = %lock.path().display(), pid = std::process::id(), "cache locked");
+    info!(
+        fd_limit,
+        store = budget.store,
+        per_origin = budget.per_origin,
+        "fd budget"
+    );
+
     let health = Arc::new(HealthMonitor::new(s.health_timeout));
     let mut origins: Vec<DynOrigin> = Vec::new();
     for o in &s.origins {
@@ -285,10 +391,15 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
             LocalOrigin::new(o.name.clone(), o.location.clone())
                 .with_max_blocking(budget.per_origin),
         );
+        // An emptied or absent root while the cache holds the tree is an
+        // unmounted NAS, not an empty library; the guard sits under the
+        // monitor's watch so the health checks see it too.
+        let guard = RootGuard::new(local, o.location.display().to_string());
+        guard.remember_root(&cached_root(&cache, o));
         // Reads go through the monitor's watch, so a hung NAS shows as
         // unhealthy `--health-timeout` after a read starts waiting, not
         // only at the next periodic probe.
-        let local = health.watch(local);
+        let local = health.watch(Arc::new(guard));
         let policy = RetryPolicy {
             max_attempts: 2,
             initial_backoff: Duration::from_millis(200),
@@ -301,6 +412,8 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
 
     let fs_config = FsConfig {
         read_timeout: s.read_timeout,
+        listing_ttl: s.listing_ttl,
+        freshness: s.freshness,
         ..FsConfig::default()
     };
     let fs = MusicFs::new(cache.clone(), origins, fs_config, rt.handle().clone());
@@ -327,6 +440,19 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
         warn!(error = %e, "cannot record the mount in the cache dir; status and doctor will know less");
     }
 
+    // Installed before mounting: from the moment the mount exists, a
+    // SIGTERM or Ctrl-C unmounts it instead of killing the process and
+    // leaving a dead mount. Before this, they end the process as usual
+    // (nothing is mounted yet).
+    let (mut term, mut int) = rt
+        .block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            ))
+        })
+        .context("cannot handle SIGTERM and SIGINT")?;
     let mounted = musicfs_fuse::mount(fs, &mountpoint)
         .with_context(|| format!("cannot mount at {}", mountpoint.display()))?;
     let _enter = rt.enter();
@@ -339,21 +465,20 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
         warn!(error = %e, "cannot serve status on the cache dir's socket");
     }
     info!(mountpoint = %mountpoint.display(), origins = s.origins.len(), "mounted; press Ctrl-C or send SIGTERM to unmount");
-    println!(
+    say(&format!(
         "musicfs: mounted at {} (PID {})",
         mountpoint.display(),
         std::process::id()
-    );
+    ));
 
+    let mut reloader = Reloader::new(args, log_flag, s.clone(), Arc::clone(&health));
     let reason = rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         loop {
             tokio::select! {
                 _ = term.recv() => return anyhow::Ok("SIGTERM"),
                 _ = int.recv() => return anyhow::Ok("SIGINT"),
+                _ = hangup.recv() => reloader.hangup(),
                 _ = tick.tick() => if mounted.is_finished() { return anyhow::Ok("unmounted from outside") },
             }
         }
@@ -397,6 +522,6 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
     drop(lock);
     // Threads stuck on a hung origin must not keep the process alive.
     rt.shutdown_timeout(Duration::from_millis(500));
-    println!("musicfs: unmounted ({reason})");
+    say(&format!("musicfs: unmounted ({reason})"));
     Ok(ExitCode::SUCCESS)
 }

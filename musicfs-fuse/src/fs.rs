@@ -21,6 +21,10 @@
 //!   directory runs; a failed refresh keeps the old listing (an unreachable
 //!   origin must not empty the library) and is not retried for
 //!   `listing_ttl` (at least a second), so a dead origin is not hammered.
+//! - An origin's root listing that comes back empty never replaces a
+//!   non-empty cached one: an emptied root is a NAS that looks unmounted
+//!   (the origins' `RootGuard` says so first; this is the same rule for
+//!   origins without one), and only `musicfs forget` drops a cached tree.
 //! - Directory streams are snapshots taken at `opendir`, so a refresh in the
 //!   middle of a long `readdir` cannot skip or repeat entries.
 //! - Names are bytes: the kernel's `OsStr` is matched against the origin's
@@ -321,6 +325,7 @@ impl Inner {
                 })
             }
         };
+        self.refuse_emptied_root(dir, &entries)?;
         Ok(self.store_listing(
             dir,
             Listing {
@@ -328,6 +333,37 @@ impl Inner {
                 entries,
             },
         ))
+    }
+
+    /// An empty listing of an origin's root while the cache holds a
+    /// non-empty one is an error (the origin looks unmounted), so that it is
+    /// never stored over the cached tree.
+    fn refuse_emptied_root(
+        &self,
+        dir: &NodeKey,
+        entries: &[DirEntry],
+    ) -> std::result::Result<(), OriginError> {
+        if !dir.path.is_root() || !entries.is_empty() {
+            return Ok(());
+        }
+        let memo = self.memo.lock().get(dir).map(|l| l.entries.len());
+        let held = match memo {
+            Some(n) => n,
+            None => match self.cache.index().listing(&dir.origin, &dir.path) {
+                Ok(Some(l)) => l.entries.len(),
+                _ => 0,
+            },
+        };
+        if held == 0 {
+            return Ok(());
+        }
+        Err(OriginError::Unavailable {
+            origin: dir.origin.clone(),
+            reason: format!(
+                "its root lists empty but the cache holds {held} entries for it: it looks \
+                 unmounted; the cached tree is served until it is back"
+            ),
+        })
     }
 
     fn store_listing(&self, dir: &NodeKey, listing: Listing) -> Arc<DirListing> {
@@ -491,8 +527,16 @@ impl Inner {
         };
         let deadline = tokio::time::Instant::now() + probe_timeout;
         let fetched_at_ns = now_ns();
-        let reason = match tokio::time::timeout_at(deadline, origin.list(&root)).await {
-            Ok(Ok(entries)) => {
+        let listed = match tokio::time::timeout_at(deadline, origin.list(&root)).await {
+            Ok(Ok(entries)) => self.refuse_emptied_root(&key, &entries).map(|()| entries),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(OriginError::Timeout {
+                origin: id.clone(),
+                timeout: probe_timeout,
+            }),
+        };
+        let reason = match listed {
+            Ok(entries) => {
                 let count = entries.len();
                 self.store_listing(
                     &key,
@@ -510,12 +554,7 @@ impl Inner {
                 info!(origin = %id, entries = count, "origin answers");
                 return Ok(());
             }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => OriginError::Timeout {
-                origin: id.clone(),
-                timeout: probe_timeout,
-            }
-            .to_string(),
+            Err(e) => e.to_string(),
         };
         match self.cache.index().listing(&id, &root) {
             Ok(Some(_)) => {
@@ -1468,5 +1507,42 @@ mod tests {
         assert!(!fs.inner.note_open(Ino(5), &v2), "changed");
         assert!(fs.inner.note_open(Ino(5), &v2));
         assert!(!fs.inner.note_open(Ino(6), &v2), "another file");
+    }
+
+    #[test]
+    fn an_empty_root_never_replaces_a_cached_one() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, _) = rt
+            .block_on(Cache::open(musicfs_cas::CacheConfig::new(
+                dir.path(),
+                1 << 20,
+            )))
+            .unwrap();
+        let fs = MusicFs::new(cache, Vec::new(), FsConfig::default(), rt.handle().clone());
+        let key = |path: &str| NodeKey {
+            origin: OriginId::new("nas").unwrap(),
+            path: OriginPath::new(path).unwrap(),
+        };
+        let root = key("");
+        // A new, empty library is just empty.
+        assert!(fs.inner.refuse_emptied_root(&root, &[]).is_ok());
+        let album = vec![entry("Album", EntryKind::Dir)];
+        fs.inner.store_listing(
+            &root,
+            Listing {
+                fetched_at_ns: now_ns(),
+                entries: album.clone(),
+            },
+        );
+        let e = fs.inner.refuse_emptied_root(&root, &[]).unwrap_err();
+        assert!(e.is_retryable(), "{e:?}");
+        assert!(e.to_string().contains("looks unmounted"), "{e}");
+        // Only the root, and only an empty answer, is judged so.
+        assert!(fs.inner.refuse_emptied_root(&root, &album).is_ok());
+        assert!(fs.inner.refuse_emptied_root(&key("Album"), &[]).is_ok());
     }
 }

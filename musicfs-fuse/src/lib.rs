@@ -42,7 +42,7 @@ use musicfs_origins::OriginId;
 
 pub use fs::MusicFs;
 pub use inode::Ino;
-pub use mount::{cleanup_stale_mount, mount, Mounted};
+pub use mount::{cleanup_stale_mount, mount, serving_pid, Mounted};
 
 /// How the filesystem bounds and caches what it asks the origins.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,6 +16,10 @@
 //!   waits for one `getattr` of the root), and then raises the mount's
 //!   read-ahead (best effort: it needs root) so the kernel sends reads of up
 //!   to 1 MiB instead of 128 KiB ones.
+//! - A mount's `fsname` (the source column of `/proc/self/mountinfo`, `df`
+//!   and `findmnt`) is `musicfs:PID`, naming the process that serves it
+//!   ([`serving_pid`] reads it back), so a second mount on a live one can
+//!   say whom to stop.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -46,6 +50,15 @@ const SESSION_END_WAIT: Duration = Duration::from_secs(10);
 /// instead of 128 KiB, and the first bytes wait for all of it.
 const READ_AHEAD_KB: u32 = 1024;
 
+/// What a mount's `fsname` starts with; the serving PID follows.
+const FSNAME_PREFIX: &str = "musicfs:";
+
+/// The PID of the process serving a MusicFS mount, from its `fsname` (the
+/// mount source in `/proc/self/mountinfo`); `None` for any other source.
+pub fn serving_pid(fsname: &str) -> Option<u32> {
+    fsname.strip_prefix(FSNAME_PREFIX)?.parse().ok()
+}
+
 /// A mounted MusicFS. Unmount it with [`Mounted::unmount`]; dropping it
 /// unmounts too, without waiting for the session to end.
 pub struct Mounted {
@@ -75,7 +88,7 @@ pub fn mount(fs: MusicFs, mountpoint: &Path) -> Result<Mounted> {
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         MountOption::RO,
-        MountOption::FSName("musicfs".to_owned()),
+        MountOption::FSName(format!("{FSNAME_PREFIX}{}", std::process::id())),
         MountOption::Subtype("musicfs".to_owned()),
         MountOption::DefaultPermissions,
         MountOption::NoDev,
@@ -324,6 +337,18 @@ fn lazy_unmount(mountpoint: &Path) -> std::result::Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fsname_names_the_serving_pid() {
+        assert_eq!(serving_pid("musicfs:4242"), Some(4242));
+        assert_eq!(
+            serving_pid(&format!("{FSNAME_PREFIX}{}", std::process::id())),
+            Some(std::process::id())
+        );
+        for other in ["musicfs", "musicfs:", "musicfs:x", "/dev/sda1", "bindfs:1"] {
+            assert_eq!(serving_pid(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn a_plain_directory_needs_no_cleanup() {

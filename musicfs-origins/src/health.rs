@@ -16,6 +16,8 @@
 //! - A hang is seen without waiting for the next probe: origins handed out
 //!   by [`HealthMonitor::watch`] report any call still unanswered after the
 //!   monitor's timeout, which marks the origin unhealthy at that moment.
+//! - The timeout can change while the monitor runs ([`HealthMonitor::set_timeout`],
+//!   a SIGHUP reload); a check uses the value current when it starts.
 //! - Times come from tokio's clock (latencies from `tokio::time::Instant`;
 //!   `since`/`last_checked` are wall times derived from it), so they advance
 //!   with paused test time and never jump with wall-clock adjustments.
@@ -23,6 +25,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -100,7 +103,8 @@ impl Clock {
 /// Periodically probes a set of origins and remembers their health.
 #[derive(Debug)]
 pub struct HealthMonitor {
-    timeout: Duration,
+    /// The check timeout in nanoseconds; atomic so a reload can change it.
+    timeout_ns: AtomicU64,
     clock: Clock,
     origins: RwLock<Vec<DynOrigin>>,
     statuses: RwLock<HashMap<OriginId, OriginHealth>>,
@@ -112,7 +116,7 @@ impl HealthMonitor {
     /// A monitor whose checks each give up after `timeout`.
     pub fn new(timeout: Duration) -> Self {
         HealthMonitor {
-            timeout,
+            timeout_ns: AtomicU64::new(nanos(timeout)),
             clock: Clock::new(),
             origins: RwLock::new(Vec::new()),
             statuses: RwLock::new(HashMap::new()),
@@ -120,7 +124,13 @@ impl HealthMonitor {
     }
 
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        Duration::from_nanos(self.timeout_ns.load(Ordering::Relaxed))
+    }
+
+    /// Changes the timeout of the checks (and of the hang detection of
+    /// watched origins) from the next one on.
+    pub fn set_timeout(&self, timeout: Duration) {
+        self.timeout_ns.store(nanos(timeout), Ordering::Relaxed);
     }
 
     /// Starts monitoring `origin`; its state is `Unknown` until checked. An
@@ -161,7 +171,8 @@ impl HealthMonitor {
     pub async fn check_one(&self, origin: &DynOrigin) -> OriginHealth {
         let id = origin.id();
         let start = Instant::now();
-        let outcome = tokio::time::timeout(self.timeout, origin.health()).await;
+        let timeout = self.timeout();
+        let outcome = tokio::time::timeout(timeout, origin.health()).await;
         let latency = start.elapsed();
         let error = match outcome {
             Ok(Ok(())) => None,
@@ -169,7 +180,7 @@ impl HealthMonitor {
             Err(_elapsed) => Some(
                 OriginError::Timeout {
                     origin: id.clone(),
-                    timeout: self.timeout,
+                    timeout,
                 }
                 .to_string(),
             ),
@@ -280,6 +291,11 @@ impl HealthMonitor {
     }
 }
 
+/// A duration as nanoseconds, saturating (u64 nanoseconds is 584 years).
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// An origin whose calls report a hang to its monitor (see
 /// [`HealthMonitor::watch`]).
 #[derive(Debug)]
@@ -293,7 +309,7 @@ impl Watched {
     /// records the origin unhealthy and goes on waiting (the caller's own
     /// timeout decides when to give up).
     async fn watched<T>(&self, op: &str, call: impl Future<Output = Result<T>>) -> Result<T> {
-        let Some(timeout) = self.monitor.upgrade().map(|m| m.timeout) else {
+        let Some(timeout) = self.monitor.upgrade().map(|m| m.timeout()) else {
             return call.await;
         };
         tokio::pin!(call);
@@ -508,6 +524,20 @@ mod tests {
             assert_eq!(state(&monitor, &fake), HealthState::Unhealthy);
         }
         assert_eq!(HealthMonitor::DEFAULT_TIMEOUT, Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_changed_timeout_bounds_the_next_check() {
+        let monitor = HealthMonitor::new(Duration::from_secs(5));
+        let fake = Fake::new("slow", Mode::Hang);
+        let origin = dyn_origin(&fake);
+        monitor.add(Arc::clone(&origin));
+        monitor.set_timeout(Duration::from_secs(2));
+        assert_eq!(monitor.timeout(), Duration::from_secs(2));
+        let start = Instant::now();
+        let health = monitor.check_one(&origin).await;
+        assert_about(start.elapsed(), Duration::from_secs(2));
+        assert!(health.last_error.unwrap().contains("no answer within 2s"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -37,11 +37,13 @@ pub mod health;
 pub mod local;
 mod path;
 pub mod retry;
+pub mod root_guard;
 
 pub use health::{HealthMonitor, HealthState, MonitorTask, OriginHealth};
 pub use local::LocalOrigin;
 pub use path::OriginPath;
 pub use retry::{RetryOrigin, RetryPolicy};
+pub use root_guard::RootGuard;
 
 /// The name of an origin, as it appears under the mount point.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -274,7 +274,7 @@ impl Fs {
         OriginError::Unavailable {
             origin: self.id.clone(),
             reason: format!(
-                "root {} is missing; is the NAS mounted?",
+                "root {} is missing: the NAS looks unmounted; mount it and MusicFS rejoins by itself",
                 self.root.display()
             ),
         }

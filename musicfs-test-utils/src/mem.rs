@@ -374,7 +374,10 @@ mod tests {
         root.sort();
         assert_eq!(root, [&b"Bj\xc3\xb6rk"[..], b"Bj\xf6rk"]);
         let path = OriginPath::new(latin1).unwrap();
-        assert_eq!(&crate::read_now(&*m, &path, 0, 100).await.unwrap()[..], b"old rip");
+        assert_eq!(
+            &crate::read_now(&*m, &path, 0, 100).await.unwrap()[..],
+            b"old rip"
+        );
         let album = m.list(&path.parent().unwrap()).await.unwrap();
         assert_eq!(album[0].name, OsStr::from_bytes(b"J\xf3ga.flac"));
         m.remove(OsStr::from_bytes(b"Bj\xf6rk"));
