@@ -319,7 +319,12 @@ impl Origin for MemOrigin {
                     expected: "file",
                 });
             }
-            return Err(state.missing(&self.id, path));
+            // Deleted: the version asked for is gone, as after a rewrite.
+            return Err(OriginError::Changed {
+                origin: self.id.clone(),
+                path: path.to_string(),
+                reason: format!("expected {version}, found nothing"),
+            });
         };
         let now = file_meta(file);
         if !version.matches(&now) {
@@ -374,7 +379,10 @@ mod tests {
         root.sort();
         assert_eq!(root, [&b"Bj\xc3\xb6rk"[..], b"Bj\xf6rk"]);
         let path = OriginPath::new(latin1).unwrap();
-        assert_eq!(&crate::read_now(&*m, &path, 0, 100).await.unwrap()[..], b"old rip");
+        assert_eq!(
+            &crate::read_now(&*m, &path, 0, 100).await.unwrap()[..],
+            b"old rip"
+        );
         let album = m.list(&path.parent().unwrap()).await.unwrap();
         assert_eq!(album[0].name, OsStr::from_bytes(b"J\xf3ga.flac"));
         m.remove(OsStr::from_bytes(b"Bj\xf6rk"));
@@ -425,10 +433,11 @@ mod tests {
 
         assert!(m.stat(&p("a/nope")).await.unwrap_err().is_not_found());
         assert!(m.list(&p("nope")).await.unwrap_err().is_not_found());
+        // A read asks for a version; a path that holds none is a change.
         assert!(crate::read_now(&*m, &p("nope"), 0, 1)
             .await
             .unwrap_err()
-            .is_not_found());
+            .is_changed());
         let wrong = |e: OriginError, want: &str| {
             assert!(!e.is_retryable());
             assert!(
