@@ -21,6 +21,8 @@
 //!   directory runs; a failed refresh keeps the old listing (an unreachable
 //!   origin must not empty the library) and is not retried for
 //!   `listing_ttl` (at least a second), so a dead origin is not hammered.
+//!   Only a request about a name the listing lacks may list again first,
+//!   when the listing is older than the freshness bound (see `fresh`).
 //! - Directory streams are snapshots taken at `opendir`, so a refresh in the
 //!   middle of a long `readdir` cannot skip or repeat entries.
 //! - Names are bytes: the kernel's `OsStr` is matched against the origin's
@@ -649,6 +651,26 @@ impl MusicFs {
         });
     }
 
+    /// [`Self::with_listing`] for a request about `name` in `dir`: a
+    /// listing that lacks it and is older than the freshness bound is
+    /// fetched again first, so a file (re)created on the origin is found
+    /// within the bound (see `fresh`).
+    fn with_listing_of<F>(&self, dir: NodeKey, name: OsString, f: F)
+    where
+        F: FnOnce(&Arc<Inner>, Listed) + Send + 'static,
+    {
+        self.with_listing(dir.clone(), move |inner, listed| match listed {
+            Ok(l) if l.get(&name).is_none() && inner.must_relist(&dir, &l) => {
+                let inner = Arc::clone(inner);
+                inner.rt.clone().spawn(async move {
+                    let l = inner.relist(&dir, l).await;
+                    f(&inner, Ok(l));
+                });
+            }
+            listed => f(inner, listed),
+        });
+    }
+
     /// Runs `f` with the metadata of `key` (inode `ino`): the newer of its
     /// parent's listing entry and what an open last confirmed (or made up,
     /// for an origin's root).
@@ -676,7 +698,7 @@ impl MusicFs {
             origin: key.origin,
             path: parent,
         };
-        self.with_listing(dir, move |inner, listed| {
+        self.with_listing_of(dir, name.clone(), move |inner, listed| {
             let entry = listed.and_then(|l| {
                 let meta = l.get(&name).cloned().ok_or(Errno::ENOENT)?;
                 Ok(inner.newest(ino, meta, l.fetched_at_ns))
@@ -727,7 +749,7 @@ impl Filesystem for MusicFs {
                 };
                 let name = name.to_owned();
                 let origin = dir.origin.clone();
-                self.with_listing(dir, move |inner, listed| {
+                self.with_listing_of(dir, name.clone(), move |inner, listed| {
                     let fetched_at_ns = listed.as_ref().map_or(0, |l| l.fetched_at_ns);
                     match listed.and_then(|l| l.get(&name).cloned().ok_or(Errno::ENOENT)) {
                         Ok(listed) => {

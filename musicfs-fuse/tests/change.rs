@@ -295,3 +295,40 @@ fn a_hung_origin_does_not_hold_up_opens_of_cached_tracks() {
     );
     faulty.set_fault(Fault::None);
 }
+
+/// A tagger or sync tool that deletes a track and writes it again (or a new
+/// file under a name a player asks for): a new open finds it within the
+/// bound, not when the directory's listing expires (60 s by default).
+#[test]
+fn a_file_deleted_and_recreated_is_found_within_the_bound() {
+    let lib = tempfile::tempdir().unwrap();
+    let host = lib.path().join(TRACK);
+    fs::create_dir_all(host.parent().unwrap()).unwrap();
+    let old = pseudo_random_bytes(MIB, 1);
+    fs::write(&host, &old).unwrap();
+    let cfg = config();
+    let h = Harness::start(vec![local("lib", lib.path())], cfg.clone());
+    let mounted = h.root().join("lib").join(TRACK);
+    assert!(fs::read(&mounted).unwrap() == old);
+
+    fs::remove_file(&host).unwrap();
+    wait_out_the_bound(Instant::now(), &cfg);
+    let err = fs::File::open(&mounted).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+
+    let new = pseudo_random_bytes(MIB + 4096, 2);
+    let tmp = host.with_extension("tmp");
+    fs::write(&tmp, &new).unwrap();
+    fs::rename(&tmp, &host).unwrap();
+    let recreated_at = Instant::now();
+    wait_out_the_bound(recreated_at, &cfg);
+    let got = fs::read(&mounted).expect("the recreated file is found within the bound");
+    assert!(
+        got == new,
+        "got {} bytes, not the recreated file",
+        got.len()
+    );
+    // A name never created is still not there.
+    let err = fs::File::open(mounted.with_file_name("never.flac")).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+}

@@ -19,6 +19,12 @@
 //! - A fault (timeout, unreachable origin) is never taken as an answer: the
 //!   cached version is served. Only definite answers (not found, wrong kind,
 //!   permission) change what an open gets.
+//! - The same bound holds for a name a listing lacks: a lookup, open or
+//!   `getattr` that would answer `ENOENT` from a listing older than the
+//!   bound lists the directory again first (under the same wait and health
+//!   rules), so a file deleted and recreated on the origin, or a new one,
+//!   is found by name within the bound rather than when the listing
+//!   expires.
 //!
 //! A change that keeps size and mtime (`touch -r` after a rewrite) cannot
 //! be seen this way; only hashing the file could (see the runbook).
@@ -29,7 +35,7 @@ use fuser::Errno;
 use musicfs_origins::{EntryKind, EntryMeta, OriginError};
 use tracing::{debug, info};
 
-use super::{duration_ns, now_ns, Inner, CLOCK_SKEW};
+use super::{duration_ns, now_ns, DirListing, Inner, CLOCK_SKEW};
 use crate::errno;
 use crate::inode::NodeKey;
 use crate::Ino;
@@ -46,10 +52,7 @@ impl Inner {
         listed_ns: u64,
     ) -> std::result::Result<EntryMeta, Errno> {
         let (meta, known_ns) = self.newest(ino, listed, listed_ns);
-        let now = now_ns();
-        let fresh = known_ns <= now.saturating_add(duration_ns(CLOCK_SKEW))
-            && now.saturating_sub(known_ns) <= duration_ns(self.config.freshness);
-        if fresh || !self.may_ask(key) {
+        if self.within_freshness(known_ns) || !self.may_ask(key) {
             return Ok(meta);
         }
         let Some(origin) = self.by_id.get(&key.origin).cloned() else {
@@ -115,6 +118,53 @@ impl Inner {
                     self.refresh_parent(key);
                     Err(errno)
                 }
+            }
+        }
+    }
+
+    /// Whether something the origin said at `known_ns` (wall clock) may
+    /// still be served without asking again.
+    fn within_freshness(&self, known_ns: u64) -> bool {
+        let now = now_ns();
+        known_ns <= now.saturating_add(duration_ns(CLOCK_SKEW))
+            && now.saturating_sub(known_ns) <= duration_ns(self.config.freshness)
+    }
+
+    /// Whether a lookup that `listed` cannot answer must list `dir` again
+    /// before saying `ENOENT` (see [`Self::relist`]).
+    pub(super) fn must_relist(&self, dir: &NodeKey, listed: &DirListing) -> bool {
+        !self.within_freshness(listed.fetched_at_ns) && self.may_ask(dir)
+    }
+
+    /// `dir` listed on its origin now, waiting at most `revalidate_wait`;
+    /// `listed` when the origin does not answer in time or cannot list it.
+    /// A listing that arrives after the wait is still stored.
+    pub(super) async fn relist(
+        self: &Arc<Self>,
+        dir: &NodeKey,
+        listed: Arc<DirListing>,
+    ) -> Arc<DirListing> {
+        let inner = Arc::clone(self);
+        let task_dir = dir.clone();
+        let list = self.rt.spawn(async move {
+            let answer = inner.list_origin(&task_dir).await;
+            inner.unanswered.lock().remove(&task_dir.origin);
+            answer
+        });
+        match tokio::time::timeout(self.config.revalidate_wait, list).await {
+            Ok(Ok(Ok(fresh))) => fresh,
+            Ok(Ok(Err(e))) => {
+                debug!(origin = %dir.origin, dir = %dir.path, error = %e, "cannot list a directory again; answering from the cached listing");
+                listed
+            }
+            // The task panicked or was cancelled at shutdown.
+            Ok(Err(_)) => listed,
+            Err(_) => {
+                info!(origin = %dir.origin, dir = %dir.path, wait = ?self.config.revalidate_wait, "the origin did not list a directory in time; answering from the cached listing");
+                self.unanswered
+                    .lock()
+                    .insert(dir.origin.clone(), std::time::Instant::now());
+                listed
             }
         }
     }
