@@ -156,6 +156,8 @@ const RETRY_BUDGET: Duration = Duration::from_millis(250);
 struct OpenFile {
     ino: Ino,
     handle: FileHandle,
+    /// The version the handle is bound to.
+    meta: EntryMeta,
 }
 
 /// One entry of a directory stream snapshot.
@@ -460,6 +462,16 @@ impl Inner {
     /// Records that `ino` is opened as `meta`; true when the previous open
     /// in this mount was the same version, so the kernel's cached pages of
     /// it are still right.
+    /// The version an open handle of `ino` is bound to: handle `fh` when
+    /// it is one, else any.
+    fn opened_meta(&self, ino: Ino, fh: Option<Fh>) -> Option<EntryMeta> {
+        let files = self.files.lock();
+        fh.and_then(|fh| files.get(&fh.0))
+            .filter(|f| f.ino == ino)
+            .or_else(|| files.values().find(|f| f.ino == ino))
+            .map(|f| f.meta.clone())
+    }
+
     fn note_open(&self, ino: Ino, meta: &EntryMeta) -> bool {
         self.seen.lock().note_open(ino, meta)
     }
@@ -769,7 +781,7 @@ impl Filesystem for MusicFs {
         // Inode numbers live until unmount (see the inode module).
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<Fh>, reply: ReplyAttr) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<Fh>, reply: ReplyAttr) {
         let ttl = self.inner.config.kernel_ttl;
         match self.node(ino) {
             None => reply.error(Errno::ENOENT),
@@ -778,6 +790,14 @@ impl Filesystem for MusicFs {
                 let ino = Ino::from(ino);
                 self.with_meta(ino, key, move |inner, meta| match meta {
                     Ok(meta) => reply.attr(&ttl, &attr::entry_attr(ino, &meta, inner.owner)),
+                    // Deleted on the origin, but still open here: the
+                    // kernel checks attributes before a read (and fstat
+                    // asks too), and ENOENT would fail the read, which the
+                    // handle's version can still answer (bytes, or ESTALE).
+                    Err(Errno::ENOENT) => match inner.opened_meta(ino, fh) {
+                        Some(meta) => reply.attr(&ttl, &attr::entry_attr(ino, &meta, inner.owner)),
+                        None => reply.error(Errno::ENOENT),
+                    },
                     Err(e) => reply.error(e),
                 });
             }
@@ -863,7 +883,14 @@ impl Filesystem for MusicFs {
                     Ok(handle) => {
                         let keep = inner.note_open(ino, &meta);
                         let fh = inner.next_fh();
-                        inner.files.lock().insert(fh, OpenFile { ino, handle });
+                        inner.files.lock().insert(
+                            fh,
+                            OpenFile {
+                                ino,
+                                handle,
+                                meta: meta.clone(),
+                            },
+                        );
                         let flags = if keep {
                             FopenFlags::FOPEN_KEEP_CACHE
                         } else {

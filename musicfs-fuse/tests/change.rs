@@ -332,3 +332,36 @@ fn a_file_deleted_and_recreated_is_found_within_the_bound() {
     let err = fs::File::open(mounted.with_file_name("never.flac")).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
 }
+
+/// A track deleted on the origin while it plays, once the mount knows it is
+/// gone (a new open said ENOENT): the open handle still reads its version
+/// to the end or ends with ESTALE, and fstat still answers. The kernel
+/// asks for attributes before a read once they expire; answering ENOENT
+/// there failed the read with "No such file or directory".
+#[test]
+fn a_track_deleted_while_played_keeps_playing_or_ends_with_estale() {
+    let lib = tempfile::tempdir().unwrap();
+    let host = lib.path().join(TRACK);
+    fs::create_dir_all(host.parent().unwrap()).unwrap();
+    let old = pseudo_random_bytes(3 * MIB, 5);
+    fs::write(&host, &old).unwrap();
+    let cfg = config();
+    let h = Harness::start(vec![local("lib", lib.path())], cfg.clone());
+    let mounted = h.root().join("lib").join(TRACK);
+
+    let mut reader = fs::File::open(&mounted).unwrap();
+    let mut head = vec![0u8; MIB];
+    reader.read_exact(&mut head).unwrap();
+    assert!(head[..] == old[..MIB]);
+    fs::remove_file(&host).unwrap();
+    wait_out_the_bound(Instant::now(), &cfg);
+    let err = fs::File::open(&mounted).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    // Past the kernel's attribute TTL, so its next read asks again.
+    std::thread::sleep(cfg.kernel_ttl + Duration::from_millis(100));
+
+    assert_eq!(reader.metadata().unwrap().len(), old.len() as u64);
+    if let Some((at, e)) = read_rest_checking(&mut reader, MIB, &old) {
+        assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "at {at}: {e}");
+    }
+}
