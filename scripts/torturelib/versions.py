@@ -186,7 +186,7 @@ def matching(versions, cands, off, data):
 
 def is_blend(old, new, off, data):
     """Whether every byte of `data` is old's or new's byte at its position:
-    what a read racing an in-place rewrite on the origin itself can see."""
+    what a mix of the two sides of one in-place change looks like."""
     if old is None or new is None or old.size != new.size or off + len(data) > old.size:
         return False
     a, b = old.slice(off, len(data)), new.slice(off, len(data))
@@ -239,7 +239,6 @@ class HandleCheck:
         self.cands = {v.k for v in self.versions if v.content is not None}
         self.nreads = 0
         self.nbytes = 0
-        self.torn = None        # the in-place change whose rewrite this handle raced
         self.verdict = None
         self.bad = None         # (offset, bytes) of the read that broke it
 
@@ -271,23 +270,20 @@ class HandleCheck:
         self.bad = (off, data)
         every = matching(self.versions, range(len(self.versions)), off, data)
         if not every:
-            change = self._torn_by(off, data)
-            if change is not None:
-                # The origin itself held a half-written file under one
-                # (size, mtime) while this handle could bind to it.
-                self.torn = change
-                return True
             self.verdict = "read %d+%d matches no version (mixed or wrong bytes); the handle was at version(s) %s" % (
                 off, len(data), sorted(self.cands)[:6])
-        elif self.torn is not None and every & {self.torn - 1, self.torn}:
-            # A handle bound to a half-written file reads old or new bytes.
-            return True
+            change = self._blend_of(off, data)
+            if change is not None:
+                self.verdict += (
+                    "; every byte is v%d's or v%d's (that in-place change was made while this handle could bind "
+                    "to it: a mix by MusicFS or the kernel's page cache, or, far less likely, a read that raced "
+                    "the writer's own pwrite on the origin)" % (change - 1, change))
         else:
             self.verdict = "read %d+%d is version(s) %s, earlier reads of the same handle were version(s) %s (mixed across reads)" % (
                 off, len(data), sorted(every)[:6], sorted(self.cands)[:6])
         return False
 
-    def _torn_by(self, off, data):
+    def _blend_of(self, off, data):
         for v in self.versions:
             if v.kind not in ("in-place", "whole") or v.done is None:
                 continue
@@ -300,7 +296,7 @@ class HandleCheck:
     def stale(self):
         """None, or why the version this handle read was already replaced
         more than the bound before its open (checked once it read bytes)."""
-        if self.nbytes == 0 or self.verdict or self.torn is not None:
+        if self.nbytes == 0 or self.verdict:
             return None
         if any(self.fv.allowed(k, self.t0, self.t1, self.bound) for k in self.cands):
             return None
