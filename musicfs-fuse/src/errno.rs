@@ -14,7 +14,7 @@
 //! | `Unsupported` (e.g. `readlink` on an origin without symlinks) | `EINVAL` | what `readlink` answers for something that is not a link it can read |
 //! | `InvalidPath`, `InvalidName` | `ENOENT` | no origin can hold such a name, so nothing is there |
 //! | `PermissionDenied` | `EACCES` | the daemon's user may not read it on the origin; what the user must fix |
-//! | `Changed` / `OriginChanged` (changed while read) | `ESTALE` | the handle is bound to a version the origin no longer has. `ESTALE` ("stale file handle") is what NFS answers in the same case and says exactly what to do: open the file again, which reads the new version. `EIO` would read as a broken disk, `ENOENT` as a deleted file |
+//! | `Changed` / `OriginChanged` (changed, replaced or deleted while open) | `ESTALE` | the handle is bound to a version the origin no longer has. `ESTALE` ("stale file handle") is what NFS answers in the same case and says exactly what to do: open the file again, which reads the new version. `EIO` would read as a broken disk, `ENOENT` as a deleted file |
 //! | `TooManyOpenFiles` | `EIO` | the daemon, not the caller, ran out of fds; `EMFILE` would blame the player's own fd table |
 //! | `Unavailable`, `Timeout`, `OriginTimeout`, `Io` | `EIO` | the origin is down, hung or failing; the cached tree and bytes keep being served, only this request failed |
 //! | `UnknownOrigin` | `ENOENT` | no origin by that name is mounted |

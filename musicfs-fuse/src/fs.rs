@@ -55,7 +55,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -63,7 +63,7 @@ use fuser::{
     ReplyCreate, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use musicfs_cas::Cache;
-use musicfs_origins::{DynOrigin, EntryMeta, HealthMonitor, OriginId, OriginPath};
+use musicfs_origins::{DynOrigin, EntryKind, EntryMeta, HealthMonitor, OriginId, OriginPath};
 use parking_lot::{Mutex, RwLock};
 use tokio::runtime::Handle;
 use tracing::warn;
@@ -148,8 +148,9 @@ struct Inner {
     unanswered: Mutex<HashMap<OriginId, Instant>>,
     /// The origins' health, when the caller runs a monitor.
     health: RwLock<Option<Arc<HealthMonitor>>>,
-    /// Tells the kernel to drop cached attributes; set once mounted.
-    notifier: Arc<OnceLock<fuser::Notifier>>,
+    /// Origins with a question waiting for their answer, since when (see
+    /// `fresh`).
+    waiting: Mutex<HashMap<OriginId, tokio::time::Instant>>,
     next_fh: AtomicU64,
     /// A hand-back of freed memory is pending (see [`TRIM_AFTER`]).
     trim_pending: AtomicBool,
@@ -161,6 +162,15 @@ struct Inner {
 impl Inner {
     fn next_fh(&self) -> u64 {
         self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The inode of an entry: for a file, of its version (see the inode
+    /// module).
+    fn entry_ino(&self, key: &NodeKey, meta: &EntryMeta) -> Ino {
+        match meta.kind {
+            EntryKind::File => self.inodes.ino_of_file(key, meta.version()),
+            EntryKind::Dir | EntryKind::Symlink => self.inodes.ino_of(key),
+        }
     }
 
     fn root_attr(&self) -> fuser::FileAttr {
@@ -213,17 +223,12 @@ impl MusicFs {
                 seen: Mutex::new(SeenFiles::default()),
                 unanswered: Mutex::new(HashMap::new()),
                 health: RwLock::new(None),
-                notifier: Arc::new(OnceLock::new()),
+                waiting: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
                 trim_pending: AtomicBool::new(false),
                 timed_out: Mutex::new(HashMap::new()),
             }),
         }
-    }
-
-    /// Where [`crate::mount`] puts the session's notifier.
-    pub(crate) fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
-        Arc::clone(&self.inner.notifier)
     }
 
     /// Lets opens skip their freshness check while `monitor` says an origin

@@ -1,10 +1,19 @@
-//! Inode numbers: which (origin, path) a kernel inode number means.
+//! Inode numbers: which (origin, path) — and for a file, which version of
+//! it — a kernel inode number means.
 //!
 //! Layer: inside the filesystem, below the request handlers.
 //!
 //! Invariants:
 //! - Inode 1 is the mount root; every other number names exactly one
-//!   (origin, path) and is handed out the first time that pair is seen.
+//!   (origin, path) for a directory or symlink, or one (origin, path,
+//!   version) for a file, and is handed out the first time it is seen.
+//! - A file gets one number per version. The kernel keeps one page cache
+//!   and one size per inode; two versions of a track sharing an inode would
+//!   let a handle of the old version read pages the new one filled, or stop
+//!   at the new one's size. With a number per version, an inode's pages and
+//!   attributes are always of its one version, and a changed file is a new
+//!   inode that the next `lookup` hands out (an `open` of the outdated one
+//!   answers `ESTALE`, after which the kernel looks the name up again).
 //! - A number is never reused or re-pointed while mounted, so the kernel
 //!   can never confuse two files. `forget` is therefore ignored: entries
 //!   stay until unmount. That costs one path per entry ever looked up, which
@@ -16,7 +25,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use fuser::INodeNo;
-use musicfs_origins::{OriginId, OriginPath};
+use musicfs_origins::{FileVersion, OriginId, OriginPath};
 use parking_lot::RwLock;
 
 /// A kernel inode number of this mount.
@@ -63,11 +72,14 @@ pub(crate) enum Node {
     Entry(NodeKey),
 }
 
+/// An inode's identity: the entry, and for a file the version.
+type Id = (NodeKey, Option<FileVersion>);
+
 #[derive(Debug, Default)]
 struct Table {
-    by_key: HashMap<NodeKey, Ino>,
+    by_key: HashMap<Id, Ino>,
     /// `nodes[i]` is inode `i + Ino::FIRST`.
-    nodes: Vec<NodeKey>,
+    nodes: Vec<Id>,
 }
 
 /// The two-way map between inode numbers and (origin, path).
@@ -81,20 +93,38 @@ impl InodeTable {
         Self::default()
     }
 
-    /// The number of `key`, allocating one on first sight.
+    /// The number of the directory or symlink `key`, allocating one on
+    /// first sight.
     pub fn ino_of(&self, key: &NodeKey) -> Ino {
-        if let Some(&ino) = self.table.read().by_key.get(key) {
+        self.ino_of_id((key.clone(), None))
+    }
+
+    /// The number of `version` of the file `key`, allocating one on first
+    /// sight.
+    pub fn ino_of_file(&self, key: &NodeKey, version: FileVersion) -> Ino {
+        self.ino_of_id((key.clone(), Some(version)))
+    }
+
+    fn ino_of_id(&self, id: Id) -> Ino {
+        if let Some(&ino) = self.table.read().by_key.get(&id) {
             return ino;
         }
         let mut table = self.table.write();
         // Another thread may have allocated it between the two locks.
-        if let Some(&ino) = table.by_key.get(key) {
+        if let Some(&ino) = table.by_key.get(&id) {
             return ino;
         }
         let ino = Ino(table.nodes.len() as u64 + Ino::FIRST);
-        table.nodes.push(key.clone());
-        table.by_key.insert(key.clone(), ino);
+        table.nodes.push(id.clone());
+        table.by_key.insert(id, ino);
         ino
+    }
+
+    /// The file version `ino` stands for; `None` for a directory, a
+    /// symlink, the root or an unknown number.
+    pub fn version(&self, ino: Ino) -> Option<FileVersion> {
+        let index = usize::try_from(ino.0.checked_sub(Ino::FIRST)?).ok()?;
+        self.table.read().nodes.get(index)?.1.clone()
     }
 
     /// What `ino` stands for, or `None` for a number this mount never gave
@@ -104,7 +134,11 @@ impl InodeTable {
             return Some(Node::Root);
         }
         let index = usize::try_from(ino.0.checked_sub(Ino::FIRST)?).ok()?;
-        self.table.read().nodes.get(index).cloned().map(Node::Entry)
+        self.table
+            .read()
+            .nodes
+            .get(index)
+            .map(|(key, _)| Node::Entry(key.clone()))
     }
 
     /// Inodes known, the root included.
@@ -138,5 +172,24 @@ mod tests {
         assert_eq!(t.node(Ino(0)), None);
         assert_eq!(t.node(Ino(99)), None);
         assert_eq!(t.len(), 4);
+    }
+
+    #[test]
+    fn each_version_of_a_file_is_an_inode_of_its_own() {
+        let t = InodeTable::new();
+        let v = |size| FileVersion {
+            size,
+            mtime_ns: Some(1),
+            etag: None,
+        };
+        let k = key("o", "a.flac");
+        let one = t.ino_of_file(&k, v(1));
+        let two = t.ino_of_file(&k, v(2));
+        assert_ne!(one, two);
+        assert_eq!(t.ino_of_file(&k, v(1)), one, "stable per version");
+        assert_eq!(t.node(one), t.node(two));
+        assert_eq!(t.version(one), Some(v(1)));
+        assert_eq!(t.version(two), Some(v(2)));
+        assert_eq!(t.version(t.ino_of(&key("o", ""))), None);
     }
 }

@@ -62,7 +62,9 @@ pub struct FsConfig {
     /// (`stat`) when what is known is older.
     pub freshness: Duration,
     /// How long an open waits for that confirmation before it binds to the
-    /// cached version (a hung NAS must not stall cached tracks).
+    /// cached version (a hung NAS must not stall cached tracks); opens at
+    /// the same time wait together, not in turn. A healthy NAS or a remote
+    /// store on a 100 ms link answers well within it.
     pub revalidate_wait: Duration,
 }
 
@@ -73,7 +75,7 @@ impl Default for FsConfig {
             listing_ttl: Duration::from_secs(60),
             kernel_ttl: Duration::from_secs(1),
             freshness: Duration::from_secs(2),
-            revalidate_wait: Duration::from_secs(1),
+            revalidate_wait: Duration::from_millis(500),
         }
     }
 }

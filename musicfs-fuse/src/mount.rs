@@ -98,10 +98,7 @@ pub fn mount(fs: MusicFs, mountpoint: &Path) -> Result<Mounted> {
     config.n_threads = Some(FUSE_THREADS);
     // One /dev/fuse descriptor per worker, so they do not contend on one.
     config.clone_fd = true;
-    let notifier = fs.notifier_slot();
     let mut session = fuser::Session::new(fs, mountpoint, &config).map_err(mount_error)?;
-    // Set once, here, before any request is served.
-    let _ = notifier.set(session.notifier());
     let unmounter = session.unmount_callable();
     // If the thread cannot start, the closure (and with it the session) is
     // dropped, which unmounts.

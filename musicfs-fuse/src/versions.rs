@@ -1,107 +1,82 @@
-//! What each file inode was last seen as: the version its last open used
-//! and when that version was last confirmed by the origin.
+//! Which version of each file the origin last confirmed, and when.
 //!
-//! Layer: filesystem state beside the listings. Two jobs rest on it:
-//! - Freshness: an open re-checks the file on its origin when the newest
-//!   thing known about it (its listing entry or its last check here) is
-//!   older than [`crate::FsConfig::freshness`], so a new open never serves
-//!   a version the origin replaced more than that long ago.
-//! - Page cache: the kernel may keep a file's cached pages
-//!   (`FOPEN_KEEP_CACHE`) only when this open's version equals the last
-//!   one's.
+//! Layer: filesystem state beside the listings. The staleness bound rests
+//! on it: an open re-checks a file on its origin when the newest thing
+//! known about it (its listing entry, or its last check here) is older than
+//! [`crate::FsConfig::freshness`], so a new open never serves a version the
+//! origin replaced more than that long ago; a check's answer is kept here
+//! so that the next lookups and opens use it until the listing catches up.
 //!
-//! Invariants: bounded ([`SEEN_FILES`] inodes, oldest first out, which only
-//! costs a re-check or the kernel's cached pages of a file not opened for a
-//! long time); a version confirmed later always replaces an older one.
+//! Invariants: bounded ([`SEEN_FILES`] files, oldest first out, which only
+//! costs a re-check); a version confirmed later always replaces an older
+//! one.
 
 use std::collections::{HashMap, VecDeque};
 
 use musicfs_origins::EntryMeta;
 
-use crate::Ino;
+use crate::inode::NodeKey;
 
-/// Inodes remembered; a library of 200,000 tracks opened over weeks stays
+/// Files remembered; a library of 200,000 tracks opened over weeks stays
 /// at a few MB.
 pub(crate) const SEEN_FILES: usize = 65_536;
 
-/// One file as last seen.
+/// One file as last confirmed.
 #[derive(Debug, Clone)]
 pub(crate) struct Seen {
     pub meta: EntryMeta,
     /// When the origin last confirmed `meta` (ns since the epoch); 0 when
     /// it must be checked again at the next open.
     pub checked_ns: u64,
-    /// The version the last open handed to the kernel, for keep-cache.
-    pub opened: Option<EntryMeta>,
 }
 
 #[derive(Debug, Default)]
 pub(crate) struct SeenFiles {
-    map: HashMap<Ino, Seen>,
-    /// Insertion order; holds each key of `map` exactly once.
-    order: VecDeque<Ino>,
+    map: HashMap<NodeKey, Seen>,
+    /// Insertion order; holds each key of `map` at least once.
+    order: VecDeque<NodeKey>,
 }
 
 impl SeenFiles {
-    pub fn get(&self, ino: Ino) -> Option<&Seen> {
-        self.map.get(&ino)
+    pub fn get(&self, key: &NodeKey) -> Option<&Seen> {
+        self.map.get(key)
     }
 
-    /// The origin confirmed `meta` for `ino` at `at_ns`. Ignored when a
+    /// The origin confirmed `meta` for `key` at `at_ns`. Ignored when a
     /// later confirmation is already known.
-    pub fn confirmed(&mut self, ino: Ino, meta: EntryMeta, at_ns: u64) {
-        match self.map.get_mut(&ino) {
+    pub fn confirmed(&mut self, key: &NodeKey, meta: EntryMeta, at_ns: u64) {
+        match self.map.get_mut(key) {
             Some(seen) if seen.checked_ns > at_ns => {}
             Some(seen) => {
                 seen.meta = meta;
                 seen.checked_ns = at_ns;
             }
-            None => self.insert(
-                ino,
-                Seen {
-                    meta,
-                    checked_ns: at_ns,
-                    opened: None,
-                },
-            ),
-        }
-    }
-
-    /// Records that `ino` is opened as `meta`; true when the previous open
-    /// was the same version, so the kernel's cached pages of it are right.
-    pub fn note_open(&mut self, ino: Ino, meta: &EntryMeta) -> bool {
-        match self.map.get_mut(&ino) {
-            Some(seen) => seen
-                .opened
-                .replace(meta.clone())
-                .is_some_and(|previous| previous.same_version(meta)),
             None => {
-                self.insert(
-                    ino,
+                self.map.insert(
+                    key.clone(),
                     Seen {
-                        meta: meta.clone(),
-                        checked_ns: 0,
-                        opened: Some(meta.clone()),
+                        meta,
+                        checked_ns: at_ns,
                     },
                 );
-                false
+                self.order.push_back(key.clone());
+                self.trim();
             }
         }
     }
 
-    /// A read found `ino` changed on the origin: whatever is known of it
-    /// must be checked again at the next open, and its pages not kept.
-    pub fn distrust(&mut self, ino: Ino) {
-        if let Some(seen) = self.map.get_mut(&ino) {
+    /// A read found `key` changed on the origin: what is known of it must
+    /// be checked again at the next open.
+    pub fn distrust(&mut self, key: &NodeKey) {
+        if let Some(seen) = self.map.get_mut(key) {
             seen.checked_ns = 0;
-            seen.opened = None;
         }
     }
 
     /// The file is gone from the origin.
-    pub fn remove(&mut self, ino: Ino) {
-        // Left in `order`; `insert` skips keys no longer in the map.
-        self.map.remove(&ino);
+    pub fn remove(&mut self, key: &NodeKey) {
+        // Left in `order`; `trim` pops it in its turn.
+        self.map.remove(key);
     }
 
     #[cfg(test)]
@@ -109,15 +84,12 @@ impl SeenFiles {
         self.map.len()
     }
 
-    fn insert(&mut self, ino: Ino, seen: Seen) {
-        if self.map.insert(ino, seen).is_none() {
-            self.order.push_back(ino);
-        }
+    fn trim(&mut self) {
         while self.map.len() > SEEN_FILES || self.order.len() > 2 * SEEN_FILES {
             let Some(oldest) = self.order.pop_front() else {
                 break;
             };
-            // A key removed and inserted again is in `order` twice; its
+            // A key removed and confirmed again is in `order` twice; its
             // first place may drop it early, which only costs a re-check.
             self.map.remove(&oldest);
         }
@@ -127,7 +99,7 @@ impl SeenFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use musicfs_origins::EntryKind;
+    use musicfs_origins::{EntryKind, OriginId, OriginPath};
 
     fn meta(size: u64, mtime: i64) -> EntryMeta {
         EntryMeta {
@@ -138,39 +110,36 @@ mod tests {
         }
     }
 
-    #[test]
-    fn keep_cache_only_for_an_unchanged_version() {
-        let mut seen = SeenFiles::default();
-        let ino = Ino(7);
-        assert!(!seen.note_open(ino, &meta(10, 1)), "first open");
-        assert!(seen.note_open(ino, &meta(10, 1)), "same version again");
-        assert!(!seen.note_open(ino, &meta(10, 2)), "mtime changed");
-        assert!(!seen.note_open(ino, &meta(11, 2)), "size changed");
-        seen.distrust(ino);
-        assert!(!seen.note_open(ino, &meta(11, 2)), "changed while read");
+    fn key(i: u64) -> NodeKey {
+        NodeKey {
+            origin: OriginId::new("o").unwrap(),
+            path: OriginPath::new(&format!("{i}.flac")).unwrap(),
+        }
     }
 
     #[test]
     fn a_later_confirmation_wins() {
         let mut seen = SeenFiles::default();
-        let ino = Ino(3);
-        seen.confirmed(ino, meta(1, 1), 100);
-        seen.confirmed(ino, meta(2, 2), 50);
-        assert_eq!(seen.get(ino).unwrap().meta.size, 1);
-        seen.confirmed(ino, meta(3, 3), 200);
-        assert_eq!(seen.get(ino).unwrap().meta.size, 3);
-        seen.distrust(ino);
-        assert_eq!(seen.get(ino).unwrap().checked_ns, 0);
+        let k = key(3);
+        seen.confirmed(&k, meta(1, 1), 100);
+        seen.confirmed(&k, meta(2, 2), 50);
+        assert_eq!(seen.get(&k).unwrap().meta.size, 1);
+        seen.confirmed(&k, meta(3, 3), 200);
+        assert_eq!(seen.get(&k).unwrap().meta.size, 3);
+        seen.distrust(&k);
+        assert_eq!(seen.get(&k).unwrap().checked_ns, 0);
+        seen.remove(&k);
+        assert!(seen.get(&k).is_none());
     }
 
     #[test]
     fn bounded() {
         let mut seen = SeenFiles::default();
         for i in 0..(SEEN_FILES as u64 + 100) {
-            seen.note_open(Ino(i), &meta(i, 1));
+            seen.confirmed(&key(i), meta(i, 1), 1);
         }
         assert_eq!(seen.len(), SEEN_FILES);
-        assert!(seen.get(Ino(0)).is_none(), "oldest first out");
-        assert!(seen.get(Ino(SEEN_FILES as u64 + 99)).is_some());
+        assert!(seen.get(&key(0)).is_none(), "oldest first out");
+        assert!(seen.get(&key(SEEN_FILES as u64 + 99)).is_some());
     }
 }

@@ -295,3 +295,121 @@ fn a_hung_origin_does_not_hold_up_opens_of_cached_tracks() {
     );
     faulty.set_fault(Fault::None);
 }
+
+/// A tagger or sync tool that deletes a track and writes it again (or a new
+/// file under a name a player asks for): a new open finds it within the
+/// bound, not when the directory's listing expires (60 s by default).
+#[test]
+fn a_file_deleted_and_recreated_is_found_within_the_bound() {
+    let lib = tempfile::tempdir().unwrap();
+    let host = lib.path().join(TRACK);
+    fs::create_dir_all(host.parent().unwrap()).unwrap();
+    let old = pseudo_random_bytes(MIB, 1);
+    fs::write(&host, &old).unwrap();
+    let cfg = config();
+    let h = Harness::start(vec![local("lib", lib.path())], cfg.clone());
+    let mounted = h.root().join("lib").join(TRACK);
+    assert!(fs::read(&mounted).unwrap() == old);
+
+    fs::remove_file(&host).unwrap();
+    wait_out_the_bound(Instant::now(), &cfg);
+    let err = fs::File::open(&mounted).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+
+    let new = pseudo_random_bytes(MIB + 4096, 2);
+    let tmp = host.with_extension("tmp");
+    fs::write(&tmp, &new).unwrap();
+    fs::rename(&tmp, &host).unwrap();
+    let recreated_at = Instant::now();
+    wait_out_the_bound(recreated_at, &cfg);
+    let got = fs::read(&mounted).expect("the recreated file is found within the bound");
+    assert!(
+        got == new,
+        "got {} bytes, not the recreated file",
+        got.len()
+    );
+    // A name never created is still not there.
+    let err = fs::File::open(mounted.with_file_name("never.flac")).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+}
+
+/// A track deleted on the origin while it plays, once the mount knows it is
+/// gone (a new open said ENOENT): the open handle still reads its version
+/// to the end or ends with ESTALE, and fstat still answers. The kernel
+/// asks for attributes before a read once they expire; answering ENOENT
+/// there failed the read with "No such file or directory".
+#[test]
+fn a_track_deleted_while_played_keeps_playing_or_ends_with_estale() {
+    let lib = tempfile::tempdir().unwrap();
+    let host = lib.path().join(TRACK);
+    fs::create_dir_all(host.parent().unwrap()).unwrap();
+    let old = pseudo_random_bytes(3 * MIB, 5);
+    fs::write(&host, &old).unwrap();
+    let cfg = config();
+    let h = Harness::start(vec![local("lib", lib.path())], cfg.clone());
+    let mounted = h.root().join("lib").join(TRACK);
+
+    let mut reader = fs::File::open(&mounted).unwrap();
+    let mut head = vec![0u8; MIB];
+    reader.read_exact(&mut head).unwrap();
+    assert!(head[..] == old[..MIB]);
+    fs::remove_file(&host).unwrap();
+    wait_out_the_bound(Instant::now(), &cfg);
+    let err = fs::File::open(&mounted).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    // Past the kernel's attribute TTL, so its next read asks again.
+    std::thread::sleep(cfg.kernel_ttl + Duration::from_millis(100));
+
+    assert_eq!(reader.metadata().unwrap().len(), old.len() as u64);
+    if let Some((at, e)) = read_rest_checking(&mut reader, MIB, &old) {
+        assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "at {at}: {e}");
+    }
+}
+
+/// The kernel keeps one page cache and one size per inode. A handle of the
+/// old version and a new open of the new one must not share them: the old
+/// handle must not read pages the new one filled (or stop at the new
+/// size), and a new open must not read pages the old handle filled.
+#[test]
+fn handles_of_two_versions_never_share_the_kernels_pages() {
+    let len = 6 * MIB;
+    let (lib, old) = library(len);
+    let origin_file = lib.path().join(TRACK);
+    let cfg = config();
+    let h = Harness::start(vec![local("lib", lib.path())], cfg.clone());
+    let mounted = h.root().join("lib").join(TRACK);
+
+    let mut old_reader = fs::File::open(&mounted).unwrap();
+    let mut head = vec![0u8; MIB];
+    old_reader.read_exact(&mut head).unwrap();
+    assert!(head == old[..MIB]);
+
+    // Replaced by rename with a shorter file: the old handle's version
+    // stays readable on the origin (its descriptor is kept).
+    let new = pseudo_random_bytes(4 * MIB, 5);
+    let tmp = origin_file.with_extension("tmp");
+    fs::write(&tmp, &new).unwrap();
+    fs::rename(&tmp, &origin_file).unwrap();
+    let changed_at = Instant::now();
+    wait_out_the_bound(changed_at, &cfg);
+
+    // A new open reads the new version whole, filling the page cache.
+    assert!(
+        fs::read(&mounted).unwrap() == new,
+        "a new open got other bytes"
+    );
+    // The old handle goes on with its own version: its pages, its size.
+    assert_eq!(
+        old_reader.metadata().unwrap().len(),
+        len as u64,
+        "fstat of the old handle"
+    );
+    if let Some((at, e)) = read_rest_checking(&mut old_reader, MIB, &old) {
+        assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "at {at}: {e}");
+    }
+    // And a new open after the old handle read on still gets the new one.
+    assert!(
+        fs::read(&mounted).unwrap() == new,
+        "the old handle's pages leaked into a new open"
+    );
+}

@@ -417,12 +417,17 @@ impl Fs {
     }
 
     /// A descriptor of `version` of `path`: the one kept for it, else the
-    /// file opened now, which must be that version.
+    /// file opened now, which must be that version. A file that is gone
+    /// does not hold `version` anymore: `Changed`, as the trait asks, not
+    /// `NotFound` (a reader bound to a version sees its file deleted as a
+    /// change, the same as a rewrite).
     fn open_version(&self, path: &OriginPath, version: &FileVersion) -> Result<Arc<File>> {
         if let Some(file) = self.kept.lock().get(path, version) {
             return Ok(file);
         }
-        let (host, meta) = self.lstat_confined(path)?;
+        let (host, meta) = self
+            .lstat_confined(path)
+            .map_err(|e| self.version_gone(path, version, e))?;
         // Checked before open: opening a FIFO would block until a writer shows up.
         if !meta.file_type().is_file() {
             return Err(self.wrong_kind(path, "file"));
@@ -435,11 +440,30 @@ impl Fs {
                 // The final component became a symlink after the lstat.
                 Some(libc::ELOOP) => self.wrong_kind(path, "file"),
                 _ => self.io_err(path, e),
-            })?;
+            })
+            .map_err(|e| self.version_gone(path, version, e))?;
         let file = Arc::new(file);
         self.check_version(path, version, &file, "at open")?;
         self.kept.lock().put(path, version, Arc::clone(&file));
         Ok(file)
+    }
+
+    /// `Changed` for an error that says nothing is at `path` now; other
+    /// errors as they are.
+    fn version_gone(
+        &self,
+        path: &OriginPath,
+        version: &FileVersion,
+        e: OriginError,
+    ) -> OriginError {
+        match e {
+            OriginError::NotFound { .. } => OriginError::Changed {
+                origin: self.id.clone(),
+                path: path.to_string(),
+                reason: format!("expected {version}, found {e}"),
+            },
+            e => e,
+        }
     }
 
     /// `fstat` of an open descriptor against the version a reader expects.
@@ -771,6 +795,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_file_deleted_before_its_reader_reads_is_a_change() {
+        let dir = TempDir::new().unwrap();
+        let host = dir.path().join("t.flac");
+        fs::write(&host, pattern(10_000)).unwrap();
+        let origin = origin(&dir);
+        let t = p("t.flac");
+        let version = now(&origin, &t).await;
+        fs::remove_file(&host).unwrap();
+        let err = origin.read_range(&t, &version, 0, 10).await.unwrap_err();
+        assert!(err.is_changed(), "{err}");
+        assert!(!err.is_retryable());
+        // Asking about the path itself still says nothing is there.
+        assert!(origin.stat(&t).await.unwrap_err().is_not_found());
+    }
+
+    #[tokio::test]
     async fn kept_descriptors_stay_within_the_fd_share() {
         let dir = TempDir::new().unwrap();
         for i in 0..10 {
@@ -1021,11 +1061,13 @@ mod tests {
             assert!(err.is_not_found(), "{path}: {err}");
             assert!(!err.is_retryable());
         }
+        // A read asks for a version, which a missing file does not have.
         let err = origin
             .read_range(&p("nope.flac"), &now(&origin, &p("nope.flac")).await, 0, 1)
             .await
             .unwrap_err();
-        assert!(err.is_not_found(), "{err}");
+        assert!(err.is_changed(), "{err}");
+        assert!(!err.is_retryable());
         let err = origin.list(&p("nope")).await.unwrap_err();
         assert!(err.is_not_found(), "{err}");
     }

@@ -319,7 +319,12 @@ impl Origin for MemOrigin {
                     expected: "file",
                 });
             }
-            return Err(state.missing(&self.id, path));
+            // Deleted: the version asked for is gone, as after a rewrite.
+            return Err(OriginError::Changed {
+                origin: self.id.clone(),
+                path: path.to_string(),
+                reason: format!("expected {version}, found nothing"),
+            });
         };
         let now = file_meta(file);
         if !version.matches(&now) {
@@ -428,10 +433,11 @@ mod tests {
 
         assert!(m.stat(&p("a/nope")).await.unwrap_err().is_not_found());
         assert!(m.list(&p("nope")).await.unwrap_err().is_not_found());
+        // A read asks for a version; a path that holds none is a change.
         assert!(crate::read_now(&*m, &p("nope"), 0, 1)
             .await
             .unwrap_err()
-            .is_not_found());
+            .is_changed());
         let wrong = |e: OriginError, want: &str| {
             assert!(!e.is_retryable());
             assert!(

@@ -91,7 +91,7 @@ def need_tools(tools):
 
 TOOL_PACKAGES = {"fusermount3": "fuse3", "prlimit": "util-linux", "mount": "mount",
                  "umount": "mount", "bindfs": "bindfs", "sox": "sox", "flac": "flac",
-                 "lame": "lame", "id3v2": "id3v2"}
+                 "lame": "lame", "id3v2": "id3v2", "metaflac": "flac"}
 
 
 # ----------------------------------------------------------------- library

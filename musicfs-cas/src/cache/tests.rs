@@ -160,6 +160,48 @@ async fn a_file_rewritten_while_read_never_mixes_versions() {
     assert_eq!(m.version, origin.stat(&path()).await.unwrap().version());
 }
 
+/// A track deleted on the origin while a handle reads it: the handle gets
+/// bytes of its version and then `OriginChanged` (ESTALE at the mount),
+/// not "no such file" -- the file it opened is gone, as after a rewrite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_deleted_while_read_ends_its_reads_as_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let len = 24 * MIB as usize;
+    let old = Bytes::from(pseudo_random_bytes(len, 7));
+    let mem = MemOrigin::new(OriginId::new("lib").unwrap());
+    mem.put(TRACK, old.clone());
+    let origin = FaultyOrigin::new(mem.clone());
+    let (cache, _) = Cache::open(CacheConfig::new(dir.path(), 1 << 30))
+        .await
+        .unwrap();
+    cache.add_origin(origin.clone());
+
+    let h = open(&cache, &origin).await;
+    let head = h.read(0, 2 * MIB).await.unwrap();
+    assert_eq!(&head[..], &old[..2 * MIB as usize]);
+    mem.remove(TRACK);
+
+    let mut failed = None;
+    let mut off = 2 * MIB;
+    while off < len as u64 {
+        match h.read(off, MIB).await {
+            Ok(got) => {
+                assert!(failed.is_none(), "bytes served after the handle failed");
+                let at = off as usize;
+                assert_eq!(&got[..], &old[at..at + got.len()]);
+            }
+            Err(e) => {
+                assert!(matches!(e, CasError::OriginChanged { .. }), "{e}");
+                failed.get_or_insert(off);
+            }
+        }
+        off += MIB;
+    }
+    // 24 MiB with 16 MiB of read-ahead: the end was not read before the
+    // delete, so the handle must have ended with the error.
+    assert!(failed.is_some(), "the delete went unnoticed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_reads_without_the_runtime_serve_exact_bytes() {
     let dir = tempfile::tempdir().unwrap();

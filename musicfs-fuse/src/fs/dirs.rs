@@ -78,11 +78,12 @@ impl MusicFs {
                 let Ok(path) = key.path.join(&entry.name) else {
                     continue;
                 };
+                let entry_key = NodeKey {
+                    origin: key.origin.clone(),
+                    path,
+                };
                 items.push(DirItem {
-                    ino: inner.inodes.ino_of(&NodeKey {
-                        origin: key.origin.clone(),
-                        path,
-                    }),
+                    ino: inner.entry_ino(&entry_key, &entry.meta),
                     kind: attr::file_type(entry.meta.kind),
                     name: entry.name.clone(),
                 });

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use fuser::{Errno, Generation, INodeNo, ReplyAttr, ReplyData, ReplyEntry};
-use musicfs_origins::EntryKind;
+use musicfs_origins::{EntryKind, EntryMeta, FileVersion};
 use tracing::{debug, warn};
 
 use super::*;
@@ -44,12 +44,13 @@ impl MusicFs {
                 };
                 let name = name.to_owned();
                 let origin = dir.origin.clone();
-                self.with_listing(dir, move |inner, listed| {
+                self.with_listing_of(dir, name.clone(), move |inner, listed| {
                     let fetched_at_ns = listed.as_ref().map_or(0, |l| l.fetched_at_ns);
                     match listed.and_then(|l| l.get(&name).cloned().ok_or(Errno::ENOENT)) {
                         Ok(listed) => {
-                            let ino = inner.inodes.ino_of(&NodeKey { origin, path });
-                            let (meta, _) = inner.newest(ino, listed, fetched_at_ns);
+                            let key = NodeKey { origin, path };
+                            let (meta, _) = inner.newest(&key, listed, fetched_at_ns);
+                            let ino = inner.entry_ino(&key, &meta);
                             let attr = attr::entry_attr(ino, &meta, inner.owner);
                             reply.entry(&ttl, &attr, Generation(0));
                         }
@@ -67,7 +68,16 @@ impl MusicFs {
             Some(Node::Root) => reply.attr(&ttl, &self.inner.root_attr()),
             Some(Node::Entry(key)) => {
                 let ino = Ino::from(ino);
-                self.with_meta(ino, key, move |inner, meta| match meta {
+                // A file's inode is one version of it: its attributes are
+                // that version's whatever the listing says now (a newer
+                // version is another inode; a deleted file still open
+                // keeps reading its version, or ends with ESTALE).
+                if let Some(version) = self.inner.inodes.version(ino) {
+                    let attr = attr::entry_attr(ino, &version_meta(&version), self.inner.owner);
+                    reply.attr(&ttl, &attr);
+                    return;
+                }
+                self.with_meta(key, move |inner, meta| match meta {
                     Ok(meta) => reply.attr(&ttl, &attr::entry_attr(ino, &meta, inner.owner)),
                     Err(e) => reply.error(e),
                 });
@@ -134,5 +144,15 @@ pub(super) fn reply_link(key: &NodeKey, target: &Path, reply: ReplyData) {
     } else {
         warn!(origin = %key.origin, path = %key.path, ?target, "not serving a symlink target that is absolute or leaves the origin");
         reply.error(Errno::ENOENT);
+    }
+}
+
+/// The attributes of one version of a file.
+pub(super) fn version_meta(version: &FileVersion) -> EntryMeta {
+    EntryMeta {
+        kind: EntryKind::File,
+        size: version.size,
+        mtime_ns: version.mtime_ns,
+        etag: version.etag.clone(),
     }
 }

@@ -18,7 +18,7 @@ use fuser::{
     ReplyOpen,
 };
 use musicfs_cas::{CasError, FileHandle};
-use musicfs_origins::{EntryKind, EntryMeta};
+use musicfs_origins::EntryKind;
 use tracing::{debug, info, warn};
 
 use super::*;
@@ -48,23 +48,9 @@ impl Inner {
     /// directory now rather than when the listing expires, so the next open
     /// sees the new version instead of failing again.
     pub(super) fn file_changed(self: &Arc<Self>, ino: Ino) {
-        self.seen.lock().distrust(ino);
         if let Some(Node::Entry(key)) = self.inodes.node(ino) {
+            self.seen.lock().distrust(&key);
             self.refresh_parent(&key);
-        }
-    }
-
-    /// Drops the kernel's cached attributes of `ino` (not its pages: that
-    /// would wait on page locks of reads in flight, which wait on us;
-    /// `FUSE_AUTO_INVAL_DATA` drops pages once the new attributes differ).
-    pub(super) fn forget_attributes(&self, ino: Ino) {
-        if let Some(notifier) = self.notifier.get() {
-            if let Err(e) = notifier.inval_inode(ino.into(), -1, 0) {
-                // ENOENT: the kernel has no such inode cached; nothing to do.
-                if e.raw_os_error() != Some(libc::ENOENT) {
-                    debug!(%ino, error = %e, "cannot invalidate cached attributes");
-                }
-            }
         }
     }
 
@@ -101,13 +87,6 @@ impl Inner {
             }
         });
     }
-
-    /// Records that `ino` is opened as `meta`; true when the previous open
-    /// in this mount was the same version, so the kernel's cached pages of
-    /// it are still right.
-    pub(super) fn note_open(&self, ino: Ino, meta: &EntryMeta) -> bool {
-        self.seen.lock().note_open(ino, meta)
-    }
 }
 
 impl MusicFs {
@@ -122,7 +101,11 @@ impl MusicFs {
             Some(Node::Entry(key)) => key,
         };
         let ino = Ino::from(ino);
-        self.with_entry(ino, key.clone(), move |inner, entry| {
+        // The version this inode stands for (see the inode module).
+        let Some(version) = self.inner.inodes.version(ino) else {
+            return reply.error(Errno::EISDIR);
+        };
+        self.with_entry(key.clone(), move |inner, entry| {
             let (listed, listed_ns) = match entry {
                 Ok((meta, _)) if meta.kind != EntryKind::File => return reply.error(Errno::EISDIR),
                 Ok(entry) => entry,
@@ -132,28 +115,25 @@ impl MusicFs {
             // Async from here: the freshness check may ask the origin, and
             // open_file reads the manifest.
             inner.rt.clone().spawn(async move {
-                let meta = match inner.fresh_meta(ino, &key, listed.clone(), listed_ns).await {
-                    Ok(meta) => meta,
+                let meta = match inner.fresh_meta(&key, listed, listed_ns).await {
+                    Ok(meta) if meta.version() == version => meta,
+                    // The file changed since the kernel looked this inode
+                    // up: ESTALE makes it look the name up again (the VFS
+                    // retries an open once with a forced lookup), which
+                    // gives the new version's inode.
+                    Ok(_) => {
+                        debug!(%ino, path = %key.path, "open of an outdated version; the kernel looks the name up again");
+                        return reply.error(Errno::ESTALE);
+                    }
                     Err(e) => return reply.error(e),
                 };
                 match inner.cache.open_file(&key.origin, &key.path, &meta).await {
                     Ok(handle) => {
-                        let keep = inner.note_open(ino, &meta);
                         let fh = inner.next_fh();
                         inner.files.lock().insert(fh, OpenFile { ino, handle });
-                        let flags = if keep {
-                            FopenFlags::FOPEN_KEEP_CACHE
-                        } else {
-                            // The kernel may still hold attributes of an
-                            // older version (they live `kernel_ttl`) and
-                            // would cut reads of a grown file at the old
-                            // size: make it ask again before the first
-                            // read. Sent before the reply, so it lands
-                            // before any read of this open.
-                            inner.forget_attributes(ino);
-                            FopenFlags::empty()
-                        };
-                        reply.opened(Fh(fh), flags);
+                        // The inode is this one version, so the pages the
+                        // kernel cached for it are always right.
+                        reply.opened(Fh(fh), FopenFlags::FOPEN_KEEP_CACHE);
                     }
                     Err(e) => {
                         warn!(%ino, origin = %key.origin, path = %key.path, error = %e, "cannot open a file");

@@ -11,7 +11,8 @@
 //!   deleted file is `ENOENT`, a file that became a directory `EISDIR`, and
 //!   the parent's listing is refreshed so that `ls` agrees soon after.
 //! - A hung or down NAS never slows an open of a cached track by more than
-//!   [`crate::FsConfig::revalidate_wait`], once: the check is skipped while
+//!   [`crate::FsConfig::revalidate_wait`], once (opens at the same time wait
+//!   together, not in turn): the check is skipped while
 //!   the health monitor says the origin is unhealthy or while an earlier
 //!   check of it is still unanswered; a check that does not answer in time
 //!   is left running (so the health monitor sees the hang) and the open
@@ -19,6 +20,12 @@
 //! - A fault (timeout, unreachable origin) is never taken as an answer: the
 //!   cached version is served. Only definite answers (not found, wrong kind,
 //!   permission) change what an open gets.
+//! - The same bound holds for a name a listing lacks: a lookup, open or
+//!   `getattr` that would answer `ENOENT` from a listing older than the
+//!   bound lists the directory again first (under the same wait and health
+//!   rules), so a file deleted and recreated on the origin, or a new one,
+//!   is found by name within the bound rather than when the listing
+//!   expires.
 //!
 //! A change that keeps size and mtime (`touch -r` after a rewrite) cannot
 //! be seen this way; only hashing the file could (see the runbook).
@@ -29,27 +36,22 @@ use fuser::Errno;
 use musicfs_origins::{EntryKind, EntryMeta, OriginError};
 use tracing::{debug, info};
 
+use super::listings::DirListing;
 use super::{duration_ns, now_ns, Inner, CLOCK_SKEW};
 use crate::errno;
 use crate::inode::NodeKey;
-use crate::Ino;
 
 impl Inner {
-    /// The version of `key` (inode `ino`) an open should bind to, given
-    /// the entry its parent's listing holds (`listed`, fetched at
-    /// `listed_ns`).
+    /// The version of `key` an open should bind to, given the entry its
+    /// parent's listing holds (`listed`, fetched at `listed_ns`).
     pub(super) async fn fresh_meta(
         self: &Arc<Self>,
-        ino: Ino,
         key: &NodeKey,
         listed: EntryMeta,
         listed_ns: u64,
     ) -> std::result::Result<EntryMeta, Errno> {
-        let (meta, known_ns) = self.newest(ino, listed, listed_ns);
-        let now = now_ns();
-        let fresh = known_ns <= now.saturating_add(duration_ns(CLOCK_SKEW))
-            && now.saturating_sub(known_ns) <= duration_ns(self.config.freshness);
-        if fresh || !self.may_ask(key) {
+        let (meta, known_ns) = self.newest(key, listed, listed_ns);
+        if self.within_freshness(known_ns) || !self.may_ask(key) {
             return Ok(meta);
         }
         let Some(origin) = self.by_id.get(&key.origin).cloned() else {
@@ -64,15 +66,18 @@ impl Inner {
             let asked_ns = now_ns();
             let answer =
                 tokio::time::timeout(inner.config.read_timeout, origin.stat(&task_key.path)).await;
-            inner.unanswered.lock().remove(&task_key.origin);
+            inner.answered(&task_key.origin);
             match answer {
                 Ok(Ok(now)) => {
-                    inner.seen.lock().confirmed(ino, now.clone(), asked_ns);
+                    inner
+                        .seen
+                        .lock()
+                        .confirmed(&task_key, now.clone(), asked_ns);
                     Ok(now)
                 }
                 Ok(Err(e)) => {
                     if e.is_not_found() {
-                        inner.seen.lock().remove(ino);
+                        inner.seen.lock().remove(&task_key);
                     }
                     Err(e)
                 }
@@ -82,7 +87,8 @@ impl Inner {
                 }),
             }
         });
-        let answer = match tokio::time::timeout(self.config.revalidate_wait, check).await {
+        let deadline = self.wait_deadline(&key.origin);
+        let answer = match tokio::time::timeout_at(deadline, check).await {
             Ok(Ok(answer)) => answer,
             // The task panicked or was cancelled at shutdown.
             Ok(Err(_)) => return Ok(meta),
@@ -119,10 +125,81 @@ impl Inner {
         }
     }
 
+    /// Until when a request may wait for an answer of `origin`: at most
+    /// `revalidate_wait` after the oldest question to it still waiting, so
+    /// that many opens at once behind a hung NAS wait that long together,
+    /// not one after another.
+    fn wait_deadline(&self, origin: &musicfs_origins::OriginId) -> tokio::time::Instant {
+        let mut waiting = self.waiting.lock();
+        let since = *waiting
+            .entry(origin.clone())
+            .or_insert_with(tokio::time::Instant::now);
+        since + self.config.revalidate_wait
+    }
+
+    /// `origin` answered a question: nobody waits on it any more.
+    fn answered(&self, origin: &musicfs_origins::OriginId) {
+        self.unanswered.lock().remove(origin);
+        self.waiting.lock().remove(origin);
+    }
+
+    /// Whether something the origin said at `known_ns` (wall clock) may
+    /// still be served without asking again.
+    fn within_freshness(&self, known_ns: u64) -> bool {
+        let now = now_ns();
+        known_ns <= now.saturating_add(duration_ns(CLOCK_SKEW))
+            && now.saturating_sub(known_ns) <= duration_ns(self.config.freshness)
+    }
+
+    /// Whether a lookup that `listed` cannot answer must list `dir` again
+    /// before saying `ENOENT` (see [`Self::relist`]).
+    pub(super) fn must_relist(&self, dir: &NodeKey, listed: &DirListing) -> bool {
+        !self.within_freshness(listed.fetched_at_ns) && self.may_ask(dir)
+    }
+
+    /// `dir` listed on its origin now, waiting at most `revalidate_wait`;
+    /// `listed` when the origin does not answer in time or cannot list it.
+    /// A listing that arrives after the wait is still stored.
+    pub(super) async fn relist(
+        self: &Arc<Self>,
+        dir: &NodeKey,
+        listed: Arc<DirListing>,
+    ) -> Arc<DirListing> {
+        let inner = Arc::clone(self);
+        let task_dir = dir.clone();
+        let list = self.rt.spawn(async move {
+            let answer = inner.list_origin(&task_dir).await;
+            inner.answered(&task_dir.origin);
+            answer
+        });
+        let deadline = self.wait_deadline(&dir.origin);
+        match tokio::time::timeout_at(deadline, list).await {
+            Ok(Ok(Ok(fresh))) => fresh,
+            Ok(Ok(Err(e))) => {
+                debug!(origin = %dir.origin, dir = %dir.path, error = %e, "cannot list a directory again; answering from the cached listing");
+                listed
+            }
+            // The task panicked or was cancelled at shutdown.
+            Ok(Err(_)) => listed,
+            Err(_) => {
+                info!(origin = %dir.origin, dir = %dir.path, wait = ?self.config.revalidate_wait, "the origin did not list a directory in time; answering from the cached listing");
+                self.unanswered
+                    .lock()
+                    .insert(dir.origin.clone(), std::time::Instant::now());
+                listed
+            }
+        }
+    }
+
     /// The newer of a listing entry and what an open here last confirmed,
     /// with the time it was known.
-    pub(super) fn newest(&self, ino: Ino, listed: EntryMeta, listed_ns: u64) -> (EntryMeta, u64) {
-        match self.seen.lock().get(ino) {
+    pub(super) fn newest(
+        &self,
+        key: &NodeKey,
+        listed: EntryMeta,
+        listed_ns: u64,
+    ) -> (EntryMeta, u64) {
+        match self.seen.lock().get(key) {
             Some(seen) if seen.checked_ns > listed_ns => (seen.meta.clone(), seen.checked_ns),
             _ => (listed, listed_ns),
         }

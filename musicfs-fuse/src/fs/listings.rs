@@ -12,7 +12,7 @@
 //! drops a cached tree).
 
 use std::collections::{HashMap, VecDeque};
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 use super::*;
 use crate::errno;
 use crate::inode::NodeKey;
-use crate::{FuseError, Ino, Result};
+use crate::{FuseError, Result};
 
 /// Decoded listings kept in memory, so the `lookup` of every entry of a big
 /// directory does not decode its whole listing again. The index stays the
@@ -406,20 +406,40 @@ impl MusicFs {
         });
     }
 
-    /// Runs `f` with the metadata of `key` (inode `ino`): the newer of its
-    /// parent's listing entry and what an open last confirmed (or made up,
-    /// for an origin's root).
-    pub(super) fn with_meta<F>(&self, ino: Ino, key: NodeKey, f: F)
+    /// [`Self::with_listing`] for a request about `name` in `dir`: a
+    /// listing that lacks it and is older than the freshness bound is
+    /// fetched again first, so a file (re)created on the origin is found
+    /// within the bound (see `fresh`).
+    pub(super) fn with_listing_of<F>(&self, dir: NodeKey, name: OsString, f: F)
+    where
+        F: FnOnce(&Arc<Inner>, Listed) + Send + 'static,
+    {
+        self.with_listing(dir.clone(), move |inner, listed| match listed {
+            Ok(l) if l.get(&name).is_none() && inner.must_relist(&dir, &l) => {
+                let inner = Arc::clone(inner);
+                inner.rt.clone().spawn(async move {
+                    let l = inner.relist(&dir, l).await;
+                    f(&inner, Ok(l));
+                });
+            }
+            listed => f(inner, listed),
+        });
+    }
+
+    /// Runs `f` with the metadata of `key`: the newer of its parent's
+    /// listing entry and what an open last confirmed (or made up, for an
+    /// origin's root).
+    pub(super) fn with_meta<F>(&self, key: NodeKey, f: F)
     where
         F: FnOnce(&Arc<Inner>, Meta) + Send + 'static,
     {
-        self.with_entry(ino, key, move |inner, entry| {
+        self.with_entry(key, move |inner, entry| {
             f(inner, entry.map(|(meta, _)| meta))
         });
     }
 
     /// [`Self::with_meta`] with the time the metadata was known.
-    pub(super) fn with_entry<F>(&self, ino: Ino, key: NodeKey, f: F)
+    pub(super) fn with_entry<F>(&self, key: NodeKey, f: F)
     where
         F: FnOnce(&Arc<Inner>, Entry) + Send + 'static,
     {
@@ -430,13 +450,13 @@ impl MusicFs {
         };
         let name = name.to_owned();
         let dir = NodeKey {
-            origin: key.origin,
+            origin: key.origin.clone(),
             path: parent,
         };
-        self.with_listing(dir, move |inner, listed| {
+        self.with_listing_of(dir, name.clone(), move |inner, listed| {
             let entry = listed.and_then(|l| {
                 let meta = l.get(&name).cloned().ok_or(Errno::ENOENT)?;
-                Ok(inner.newest(ino, meta, l.fetched_at_ns))
+                Ok(inner.newest(&key, meta, l.fetched_at_ns))
             });
             f(inner, entry);
         });

@@ -94,32 +94,6 @@ fn memo_is_bounded() {
 }
 
 #[test]
-fn keep_cache_only_for_an_unchanged_version() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (cache, _) = rt
-        .block_on(Cache::open(musicfs_cas::CacheConfig::new(
-            dir.path(),
-            1 << 20,
-        )))
-        .unwrap();
-    let fs = MusicFs::new(cache, Vec::new(), FsConfig::default(), rt.handle().clone());
-    let v1 = entry("a", EntryKind::File).meta;
-    let v2 = EntryMeta {
-        size: 2,
-        ..v1.clone()
-    };
-    assert!(!fs.inner.note_open(Ino(5), &v1), "first open");
-    assert!(fs.inner.note_open(Ino(5), &v1), "same version");
-    assert!(!fs.inner.note_open(Ino(5), &v2), "changed");
-    assert!(fs.inner.note_open(Ino(5), &v2));
-    assert!(!fs.inner.note_open(Ino(6), &v2), "another file");
-}
-
-#[test]
 fn an_empty_root_never_replaces_a_cached_one() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
