@@ -47,6 +47,7 @@ use tracing::{debug, info, warn};
 
 use crate::index::{log_rebuild, Index, IndexOpenReport};
 use crate::manifest::{ChunkRef, FileVersion, Manifest};
+use crate::stats::CacheStats;
 use crate::store::{ChunkStore, OpenReport, PinGuard, StoreConfig};
 use crate::tree::{ChunkTree, TreeMemo};
 use crate::{CasError, ChunkId, ChunkParams, Result};
@@ -111,27 +112,6 @@ impl CacheConfig {
 pub struct CacheOpenReport {
     pub index: IndexOpenReport,
     pub store: OpenReport,
-}
-
-/// A snapshot for `musicfs status`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CacheStats {
-    pub size: u64,
-    pub max_size: u64,
-    pub chunks: u64,
-    pub manifests: u64,
-    /// Bytes served from chunks or the ingest buffer.
-    pub hit_bytes: u64,
-    /// Bytes served by direct origin reads (cold seeks, passthrough).
-    pub origin_bytes: u64,
-    /// Bytes the ingest read from origins.
-    pub ingested_bytes: u64,
-    pub refetched_chunks: u64,
-    pub corrupt_chunks: u64,
-    pub missing_chunks: u64,
-    pub evicted_chunks: u64,
-    pub open_files: u64,
-    pub degraded: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -254,6 +234,10 @@ impl Cache {
             low_watermark_pct: 90,
             max_chunk: u64::from(config.chunk_params.max),
             max_open_files: config.max_open_files,
+            // Well inside the read timeout, so a read that meets a hung
+            // cache disk still has time to go to the origin.
+            disk_timeout: (config.origin_timeout / 4)
+                .clamp(Duration::from_secs(1), Duration::from_secs(5)),
         };
         let (store, report) = tokio::task::spawn_blocking(move || -> Result<_> {
             if let Err(e) = std::fs::create_dir_all(&dir) {
@@ -388,6 +372,7 @@ impl Cache {
         let sc = s.counters();
         CacheStats {
             size: s.current_size(),
+            index_bytes: s.index_size(),
             max_size: s.max_size(),
             chunks: s.chunk_count(),
             manifests: self.index().manifest_count() as u64,
@@ -395,9 +380,13 @@ impl Cache {
             origin_bytes: c.origin_bytes.load(Ordering::Relaxed),
             ingested_bytes: c.ingested_bytes.load(Ordering::Relaxed),
             refetched_chunks: c.refetched.load(Ordering::Relaxed),
+            // Split by cause in the read path (the lead's part of issue 9).
+            refetched_corrupt: 0,
+            refetched_evicted: 0,
             corrupt_chunks: sc.corrupt.load(Ordering::Relaxed),
             missing_chunks: sc.missing.load(Ordering::Relaxed),
             evicted_chunks: sc.evicted_chunks.load(Ordering::Relaxed),
+            evicted_bytes: sc.evicted_bytes.load(Ordering::Relaxed),
             open_files: self
                 .inner
                 .open
@@ -406,6 +395,7 @@ impl Cache {
                 .filter(|w| w.strong_count() > 0)
                 .count() as u64,
             degraded: s.degraded(),
+            reconciling: s.reconciling(),
         }
     }
 

@@ -10,12 +10,19 @@
 //!
 //! Records are decoded as untrusted bytes: a damaged record is a typed error
 //! and is dropped, never a panic.
+//!
+//! The number of manifests is a counter (sled's `len` walks the whole
+//! tree): every insert and removal adjusts it under one small lock, and a
+//! count taken while no manifest changed sets it exactly (the store counts
+//! once after open, in the background).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use musicfs_origins::{OriginId, OriginPath};
+use parking_lot::Mutex;
 use tracing::{info, warn};
 
 use crate::listing::Listing;
@@ -75,6 +82,17 @@ pub struct Index {
     chunks: sled::Tree,
     manifests: sled::Tree,
     listings: sled::Tree,
+    manifest_count: Arc<Mutex<ManifestCount>>,
+}
+
+/// See the module docs.
+#[derive(Debug, Default)]
+struct ManifestCount {
+    count: i64,
+    /// Bumped by every insert and removal.
+    changes: u64,
+    /// True once a full count has succeeded.
+    exact: bool,
 }
 
 fn sled_err(e: sled::Error) -> CasError {
@@ -212,6 +230,7 @@ impl Index {
             chunks,
             manifests,
             listings,
+            manifest_count: Arc::default(),
         })
     }
 
@@ -274,25 +293,101 @@ impl Index {
     /// The manifest of a file, if one is stored and decodes. A damaged one is
     /// dropped (it is only a cache) and `None` returned.
     pub fn manifest(&self, origin: &OriginId, path: &OriginPath) -> Result<Option<Manifest>> {
-        get_or_drop(
-            &self.manifests,
-            &manifest_key(origin, path),
-            Manifest::decode,
-        )
+        let key = manifest_key(origin, path);
+        let Some(bytes) = self.manifests.get(&key).map_err(sled_err)? else {
+            return Ok(None);
+        };
+        match Manifest::decode(&bytes) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) => {
+                warn!(%origin, %path, error = %e, "dropping a damaged manifest; the file is fetched again from the origin");
+                self.remove_manifest_raw(&key)?;
+                Ok(None)
+            }
+        }
     }
 
     pub fn put_manifest(&self, origin: &OriginId, path: &OriginPath, m: &Manifest) -> Result<()> {
-        self.manifests
+        let mut c = self.manifest_count.lock();
+        let old = self
+            .manifests
             .insert(manifest_key(origin, path), m.encode())
             .map_err(sled_err)?;
+        c.changes += 1;
+        if old.is_none() {
+            c.count += 1;
+        }
         Ok(())
     }
 
     pub fn remove_manifest(&self, origin: &OriginId, path: &OriginPath) -> Result<()> {
-        self.manifests
-            .remove(manifest_key(origin, path))
-            .map_err(sled_err)?;
-        Ok(())
+        self.remove_manifest_raw(&manifest_key(origin, path))
+    }
+
+    /// Forgets a file that is gone from its origin: its manifest (the
+    /// filesystem calls this when a lookup finds the file deleted).
+    pub fn forget_file(&self, origin: &OriginId, path: &OriginPath) -> Result<()> {
+        self.remove_manifest(origin, path)
+    }
+
+    /// Forgets a directory that is gone from its origin: its listing and
+    /// the listings and manifests of everything under it. Returns how many
+    /// records were dropped. The root forgets the whole origin.
+    pub fn forget_tree(&self, origin: &OriginId, dir: &OriginPath) -> Result<u64> {
+        let mut dropped = 0;
+        let own = manifest_key(origin, dir);
+        if self.listings.remove(&own).map_err(sled_err)?.is_some() {
+            dropped += 1;
+        }
+        if !dir.is_root() && self.remove_manifest_raw_counted(&own)? {
+            dropped += 1;
+        }
+        let mut prefix = own;
+        if !dir.is_root() {
+            prefix.push(b'/');
+        }
+        for tree in [&self.listings, &self.manifests] {
+            let keys: Vec<sled::IVec> = tree
+                .scan_prefix(&prefix)
+                .keys()
+                .collect::<std::result::Result<_, _>>()
+                .map_err(sled_err)?;
+            for k in keys {
+                let removed = if std::ptr::eq(tree, &self.manifests) {
+                    self.remove_manifest_raw_counted(&k)?
+                } else {
+                    tree.remove(&k).map_err(sled_err)?.is_some()
+                };
+                if removed {
+                    dropped += 1;
+                }
+            }
+        }
+        Ok(dropped)
+    }
+
+    /// Drops every manifest for which `keep` is false, unless it changed
+    /// meanwhile (the ingest extended it). Returns how many were dropped;
+    /// manifests that do not decode are dropped too.
+    pub fn sweep_manifests(&self, keep: impl Fn(&Manifest) -> bool) -> Result<u64> {
+        let mut dropped = 0;
+        for item in self.manifests.iter() {
+            let (k, v) = item.map_err(sled_err)?;
+            if Manifest::decode(&v).is_ok_and(|m| keep(&m)) {
+                continue;
+            }
+            let mut c = self.manifest_count.lock();
+            let swapped = self
+                .manifests
+                .compare_and_swap(&k, Some(&v), None::<&[u8]>)
+                .map_err(sled_err)?;
+            if swapped.is_ok() {
+                c.changes += 1;
+                c.count -= 1;
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
     }
 
     /// Every manifest with its origin and path. Entries that do not decode
@@ -313,12 +408,45 @@ impl Index {
     }
 
     pub fn remove_manifest_raw(&self, raw_key: &[u8]) -> Result<()> {
-        self.manifests.remove(raw_key).map_err(sled_err)?;
-        Ok(())
+        self.remove_manifest_raw_counted(raw_key).map(|_| ())
     }
 
+    fn remove_manifest_raw_counted(&self, raw_key: &[u8]) -> Result<bool> {
+        let mut c = self.manifest_count.lock();
+        let old = self.manifests.remove(raw_key).map_err(sled_err)?;
+        c.changes += 1;
+        if old.is_some() {
+            c.count -= 1;
+        }
+        Ok(old.is_some())
+    }
+
+    /// The number of manifests, from the counter (O(1)). Exact once the
+    /// store's first count after open has run; until then it counts the
+    /// manifests added since open.
     pub fn manifest_count(&self) -> usize {
-        self.manifests.len()
+        usize::try_from(self.manifest_count.lock().count).unwrap_or(0)
+    }
+
+    /// Counts the manifests (a walk of the tree) and sets the counter, if
+    /// no manifest changed during the count; else leaves it for the next
+    /// try. Returns whether the count is exact now.
+    pub fn recount_manifests(&self) -> bool {
+        let before = self.manifest_count.lock().changes;
+        let n = self.manifests.len() as i64;
+        let mut c = self.manifest_count.lock();
+        if c.changes == before {
+            c.count = n;
+            c.exact = true;
+        }
+        c.exact
+    }
+
+    /// [`Self::recount_manifests`] unless the count is exact already.
+    pub fn recount_manifests_if_unsure(&self) {
+        if !self.manifest_count.lock().exact {
+            self.recount_manifests();
+        }
     }
 
     /// The cached listing of a directory, if one is stored and decodes (a
