@@ -31,6 +31,7 @@ pub mod cache;
 pub mod chunk;
 mod codec;
 pub mod index;
+pub mod inspect;
 pub mod listing;
 pub mod manifest;
 pub mod stats;

@@ -41,7 +41,7 @@
 //!   the same timeout.
 
 mod evict;
-mod reconcile;
+pub(crate) mod reconcile;
 mod table;
 mod watch;
 

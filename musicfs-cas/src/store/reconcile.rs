@@ -49,7 +49,7 @@ const MERGE_BATCH: usize = 4096;
 
 /// Tells the background thread to stop (set when the store is dropped).
 #[derive(Debug, Default)]
-pub(crate) struct Stop {
+pub(super) struct Stop {
     stopped: Mutex<bool>,
     cv: Condvar,
 }
@@ -75,7 +75,7 @@ impl Stop {
 }
 
 /// Starts the background thread of a freshly opened store.
-pub(crate) fn spawn(inner: &Arc<Inner>) {
+pub(super) fn spawn(inner: &Arc<Inner>) {
     let weak = Arc::downgrade(inner);
     let stop = Arc::clone(&inner.stop);
     let chunks_dir = inner.chunks_dir.clone();
