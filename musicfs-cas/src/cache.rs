@@ -80,6 +80,9 @@ const TREES: usize = 4096;
 const SMALL_PIECE_DIVISOR: usize = 4;
 /// Chunks one ingest stores at once while it reads on (see `run_ingest`).
 const STORES_IN_FLIGHT: usize = 2;
+/// How long a blocking reader waits for another one reading the same chunk
+/// (a few ms on a working disk) before it declines.
+const SLOT_WAIT: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
@@ -744,8 +747,11 @@ impl FileHandle {
             }
         };
         // Held while reading: another request for this chunk waits here for
-        // the bytes instead of reading and hashing them too.
-        let mut held = slot.lock();
+        // the bytes instead of reading and hashing them too; but not for
+        // long, so a reader stuck on a cache disk that stopped answering
+        // cannot pin the other FUSE threads behind it (they take the async
+        // path, which is bounded).
+        let mut held = slot.try_lock_for(SLOT_WAIT)?;
         if let Some(whole) = held.as_ref() {
             return (whole.len() >= to).then(|| whole.slice(from..to));
         }

@@ -1049,6 +1049,15 @@ mod tests {
         s.reconciled().await;
         let id = s.put(Bytes::from_static(b"cached")).await.unwrap();
         s.inject_disk_hang(true);
+        // Released however the test ends, so a failed assertion fails the
+        // test instead of hanging the runtime's shutdown.
+        struct Unhang(ChunkStore);
+        impl Drop for Unhang {
+            fn drop(&mut self) {
+                self.0.inject_disk_hang(false);
+            }
+        }
+        let _unhang = Unhang(s.clone());
         let err = s.get(id).await.unwrap_err();
         assert!(matches!(err, CasError::CacheUnavailable { .. }), "{err}");
         // The timed-out read is still stuck on the disk: that is the sign.
