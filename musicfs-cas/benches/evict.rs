@@ -51,8 +51,8 @@ fn percentiles(label: &str, v: &mut [Duration]) {
 fn evict(c: &mut Criterion) {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
-    // Everything fits until the extra put; the low watermark (1 %) then
-    // leaves room for the playing chunk only, so all fillers go.
+    // The low watermark (1 %) leaves room for little more than the playing
+    // chunk, so an eviction removes about all 20,000 fillers.
     let mut config = StoreConfig::new(
         dir.path(),
         (FILLER * FILLER_SIZE + HOT_SIZE + FILLER_SIZE) as u64,
@@ -60,9 +60,11 @@ fn evict(c: &mut Criterion) {
     config.low_watermark_pct = 1;
     let (s, _) = ChunkStore::open(config, Index::temporary().unwrap()).unwrap();
     rt.block_on(s.reconciled());
+    let max = s.max_size();
     let mut seed = 1u64;
+    // Fills up to just under the limit: the next put evicts the fillers.
     let mut refill = |s: &ChunkStore| {
-        for _ in 0..FILLER {
+        while s.current_size() + 2 * FILLER_SIZE as u64 <= max {
             seed += 1;
             let mut b = seed.to_le_bytes().to_vec();
             b.resize(FILLER_SIZE, 0xA5);
@@ -72,6 +74,10 @@ fn evict(c: &mut Criterion) {
     let hot = rt
         .block_on(s.put(Bytes::from(pseudo_random_bytes(HOT_SIZE, 3))))
         .unwrap();
+    // The playing track holds its chunk for the whole run (as an open
+    // file's read in flight would); each read pins it again, which is the
+    // table lock an eviction must not hold for long.
+    let _playing = s.pin(&[hot]);
     let read = |s: &ChunkStore, id: ChunkId| {
         let _pin = s.pin(&[id]);
         let got = rt.block_on(s.get(id)).unwrap();
@@ -100,6 +106,7 @@ fn evict(c: &mut Criterion) {
 
     let during = Mutex::new(Vec::new());
     let evicted_per_sample = Mutex::new(Vec::new());
+    let mut sample = 0u64;
     g.bench_function("cached-read/during-eviction-of-20000", |b| {
         b.iter_custom(|iters| {
             refill(&s);
@@ -107,14 +114,17 @@ fn evict(c: &mut Criterion) {
                 .counters()
                 .evicted_chunks
                 .load(std::sync::atomic::Ordering::Relaxed);
+            sample += 1;
             let evictor = {
                 let s = s.clone();
                 let handle = rt.handle().clone();
+                // New bytes (a known chunk would only be touched), and more
+                // than the room the refill left: this put passes the limit
+                // and evicts all fillers, on this thread.
+                let mut extra = vec![0x5Au8; 2 * FILLER_SIZE];
+                extra[..8].copy_from_slice(&sample.to_le_bytes());
                 std::thread::spawn(move || {
-                    // Passes the limit: evicts all fillers on this thread.
-                    handle
-                        .block_on(s.put(Bytes::from(vec![0x5Au8; FILLER_SIZE])))
-                        .unwrap();
+                    handle.block_on(s.put(Bytes::from(extra))).unwrap();
                 })
             };
             let mut lat = Vec::new();

@@ -27,10 +27,9 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("fill") if args.len() == 3 => fill(Path::new(&args[1]), args[2].parse().unwrap()),
-        Some("open") if args.len() >= 2 => open(
-            PathBuf::from(&args[1]),
-            args.iter().any(|a| a == "--cold"),
-        ),
+        Some("open") if args.len() >= 2 => {
+            open(PathBuf::from(&args[1]), args.iter().any(|a| a == "--cold"))
+        }
         _ => {
             eprintln!("usage: scale fill DIR N | scale open DIR [--cold]");
             std::process::exit(2);

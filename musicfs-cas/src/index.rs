@@ -643,6 +643,79 @@ mod tests {
         assert_eq!(all[0].key.as_ref().unwrap().1, p);
     }
 
+    fn manifest_of(len: u32) -> Manifest {
+        let mut m = Manifest::new(FileVersion {
+            size: u64::from(len),
+            mtime_ns: Some(1),
+            etag: None,
+        });
+        m.push(ChunkRef {
+            id: ChunkId::of(&len.to_le_bytes()),
+            len,
+        })
+        .unwrap();
+        m
+    }
+
+    #[test]
+    fn the_manifest_count_is_kept_without_walking_the_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sled");
+        let o = OriginId::new("lib").unwrap();
+        {
+            let (idx, _) = Index::open(&path).unwrap();
+            for i in 0..5u32 {
+                let p = OriginPath::new(&format!("f{i}")).unwrap();
+                idx.put_manifest(&o, &p, &manifest_of(i + 1)).unwrap();
+            }
+            // Replacing one is no new manifest; removing one is one less.
+            let p0 = OriginPath::new("f0").unwrap();
+            idx.put_manifest(&o, &p0, &manifest_of(9)).unwrap();
+            idx.remove_manifest(&o, &OriginPath::new("f1").unwrap())
+                .unwrap();
+            idx.remove_manifest(&o, &OriginPath::new("gone").unwrap())
+                .unwrap();
+            assert_eq!(idx.manifest_count(), 4);
+            idx.flush().unwrap();
+        }
+        let (idx, _) = Index::open(&path).unwrap();
+        // Counted once after open (the store does this in the background).
+        assert!(idx.recount_manifests());
+        assert_eq!(idx.manifest_count(), 4);
+    }
+
+    #[test]
+    fn forget_tree_drops_a_vanished_directory_and_everything_under_it() {
+        let (idx, o) = (Index::temporary().unwrap(), OriginId::new("lib").unwrap());
+        let p = |s: &str| OriginPath::new(s).unwrap();
+        for f in [
+            "Album/01.flac",
+            "Album/CD2/01.flac",
+            "Albums/x.flac",
+            "y.flac",
+        ] {
+            idx.put_manifest(&o, &p(f), &manifest_of(3)).unwrap();
+        }
+        for d in ["Album", "Album/CD2", "Albums"] {
+            let l = Listing {
+                fetched_at_ns: 1,
+                entries: Vec::new(),
+            };
+            idx.put_listing(&o, &p(d), &l).unwrap();
+        }
+        // Two manifests and two listings under Album/; not "Albums".
+        assert_eq!(idx.forget_tree(&o, &p("Album")).unwrap(), 4);
+        assert!(idx.manifest(&o, &p("Album/CD2/01.flac")).unwrap().is_none());
+        assert!(idx.listing(&o, &p("Album")).unwrap().is_none());
+        assert!(idx.manifest(&o, &p("Albums/x.flac")).unwrap().is_some());
+        assert!(idx.listing(&o, &p("Albums")).unwrap().is_some());
+        assert_eq!(idx.manifest_count(), 2);
+        idx.forget_file(&o, &p("y.flac")).unwrap();
+        assert_eq!(idx.manifest_count(), 1);
+        assert_eq!(idx.forget_tree(&o, &OriginPath::root()).unwrap(), 2);
+        assert_eq!(idx.manifest_count(), 0);
+    }
+
     #[test]
     fn garbage_index_is_moved_aside_and_rebuilt() {
         let dir = tempfile::tempdir().unwrap();

@@ -48,12 +48,10 @@ pub enum Progress {
 /// or `index.sled/`); else what was expected, in one line.
 pub fn looks_like_cache(dir: &Path) -> std::result::Result<(), String> {
     match fs::metadata(dir) {
-        Err(e) if e.kind() == ErrorKind::NotFound => {
-            return Err(format!(
-                "{} does not exist; expected a MusicFS cache directory (with chunks/ and index.sled/)",
-                dir.display()
-            ))
-        }
+        Err(e) if e.kind() == ErrorKind::NotFound => return Err(format!(
+            "{} does not exist; expected a MusicFS cache directory (with chunks/ and index.sled/)",
+            dir.display()
+        )),
         Err(e) => return Err(format!("{}: {e}", dir.display())),
         Ok(m) if !m.is_dir() => {
             return Err(format!(
@@ -118,7 +116,9 @@ pub fn inspect(
             }
             Err(e) => {
                 corrupt.insert(*id);
-                report.findings.push(corrupt_finding(*id, format!("unreadable: {e}")));
+                report
+                    .findings
+                    .push(corrupt_finding(*id, format!("unreadable: {e}")));
                 progress(Progress::Hashed { bytes: *size });
                 continue;
             }
@@ -280,7 +280,10 @@ fn check_index_copy(
             repaired: false,
         });
     }
-    let mut unindexed: Vec<&ChunkId> = present.iter().filter(|id| !records.contains_key(id)).collect();
+    let mut unindexed: Vec<&ChunkId> = present
+        .iter()
+        .filter(|id| !records.contains_key(id))
+        .collect();
     unindexed.sort();
     for id in unindexed {
         report.findings.push(Finding {

@@ -40,11 +40,11 @@ mod tree;
 pub mod verify;
 
 pub use cache::{Cache, CacheConfig, FileHandle};
-pub use stats::CacheStats;
 pub use chunk::{ChunkId, ChunkParams};
 pub use index::Index;
 pub use listing::Listing;
 pub use manifest::{ChunkRef, FileVersion, Manifest};
+pub use stats::CacheStats;
 pub use store::{ChunkStore, StoreConfig};
 pub use verify::{Finding, FindingKind, VerifyReport};
 

@@ -371,16 +371,36 @@ impl ChunkStore {
             });
         }
         let inner = self.inner.clone();
-        self.bounded(move |inner| out_of_fds_waited(|| inner.put_sync(&data)), inner)
-            .await
+        let id = self
+            .bounded(
+                move |inner| out_of_fds_waited(|| inner.put_sync(&data)),
+                inner,
+            )
+            .await?;
+        // Outside the bounded operation: a large eviction may take longer
+        // than the disk timeout without anything being wrong. The put's
+        // caller waits for it (so the cache is within its limit when the
+        // put returns) unless the disk stops answering meanwhile.
+        if self.inner.over_limit() {
+            let inner = self.inner.clone();
+            let evict = blocking(move || {
+                inner.evict_if_needed();
+                Ok(())
+            });
+            let _ = tokio::time::timeout(self.inner.watch.timeout(), evict).await;
+        }
+        Ok(id)
     }
 
     /// Reads and verifies the chunk `id`. A corrupt file is removed; a
     /// missing or corrupt chunk is forgotten so the caller can re-fetch it.
     pub async fn get(&self, id: ChunkId) -> Result<Bytes> {
         let inner = self.inner.clone();
-        self.bounded(move |inner| out_of_fds_waited(|| inner.get_sync(&id)), inner)
-            .await
+        self.bounded(
+            move |inner| out_of_fds_waited(|| inner.get_sync(&id)),
+            inner,
+        )
+        .await
     }
 
     /// Removes a chunk and its record (verify's repair, tests).
@@ -423,10 +443,7 @@ impl ChunkStore {
     pub async fn upkeep_now(&self) {
         let inner = self.inner.clone();
         let _ = blocking(move || {
-            let bytes = inner
-                .index_path
-                .as_deref()
-                .map_or(0, reconcile::dir_blocks);
+            let bytes = inner.index_path.as_deref().map_or(0, reconcile::dir_blocks);
             inner.index_bytes.store(bytes, Ordering::Relaxed);
             inner.evict_if_needed();
             Ok(())
@@ -567,7 +584,6 @@ impl Inner {
             debug!(error = %e, "could not record chunk in the index");
         }
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
-        self.evict_if_needed();
         Ok(id)
     }
 
@@ -671,15 +687,20 @@ impl Inner {
                 Some(Ok(())) | None => {}
             }
         } else {
-            let Some(entry) = self.table.lock().remove(id) else {
-                return;
-            };
+            let entry = self.table.lock().remove(id);
             let exists = {
                 let _op = self.watch.start();
                 self.chunk_path(id).exists()
             };
             if exists {
-                self.table.lock().restore(*id, entry);
+                let mut t = self.table.lock();
+                match entry {
+                    Some(e) => t.restore(*id, e),
+                    // Not merged yet: let the reconcile add it.
+                    None => {
+                        t.removed_while_loading.remove(id);
+                    }
+                }
                 return;
             }
         }
@@ -823,7 +844,12 @@ impl ChunkStore {
             .clone()
             .try_acquire_owned()
             .map_err(|_| busy())?;
-        let _permit = self.inner.io.clone().try_acquire_owned().map_err(|_| busy())?;
+        let _permit = self
+            .inner
+            .io
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| busy())?;
         self.inner.read_range_sync(&id, offset, len)
     }
 }
@@ -1106,7 +1132,9 @@ mod tests {
         };
         let gone = ChunkId::of(b"gone");
         let (a, b) = (OriginPath::new("a").unwrap(), OriginPath::new("b").unwrap());
-        s.index().put_manifest(&o, &a, &manifest(&[gone, kept])).unwrap();
+        s.index()
+            .put_manifest(&o, &a, &manifest(&[gone, kept]))
+            .unwrap();
         s.index().put_manifest(&o, &b, &manifest(&[gone])).unwrap();
         assert_eq!(s.index().manifest_count(), 2);
         assert_eq!(s.sweep_manifests().await, 1);

@@ -96,7 +96,10 @@ async fn a_hung_cache_disk_sends_reads_to_the_origin_and_recovers() {
     let declined = tokio::task::spawn_blocking(move || h2.read_cached_blocking(last, 4096))
         .await
         .unwrap();
-    assert!(declined.is_none(), "the blocking path touched the hung disk");
+    assert!(
+        declined.is_none(),
+        "the blocking path touched the hung disk"
+    );
     let got = h.read(5 * MIB, 4096).await.unwrap();
     assert_eq!(&got[..], &data[5 * MIB as usize..5 * MIB as usize + 4096]);
 

@@ -89,8 +89,7 @@ fn repair_stopped(cache_dir: &Path, bar: &Bar) -> Result<VerifyReport> {
                 }
             }
         }
-        let mut report =
-            musicfs_cas::verify::check(&cache, true, &|p| bar.update(p)).await?;
+        let mut report = musicfs_cas::verify::check(&cache, true, &|p| bar.update(p)).await?;
         let mut found = Vec::new();
         if opened.index.rebuilt {
             found.push((

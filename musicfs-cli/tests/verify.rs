@@ -211,7 +211,11 @@ fn verify_without_repair_changes_nothing_and_reports_what_an_open_would_heal() {
         assert!(kinds.contains(&want), "{want} missing: {v}");
     }
     assert!(kinds.iter().all(|k| !k.contains("corrupt")), "{v}");
-    assert_eq!(snapshot(&cache), before, "verify without --repair changed the cache");
+    assert_eq!(
+        snapshot(&cache),
+        before,
+        "verify without --repair changed the cache"
+    );
 
     let out = musicfs(&["verify", "--repair", "--cache-dir", c]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -302,7 +306,10 @@ fn verify_checks_a_running_mount_without_disturbing_its_reader() {
     let out = musicfs(&["verify", "--repair", "--cache-dir", c]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains(&d.pid().to_string()) && err.contains("kill -TERM"), "{err}");
+    assert!(
+        err.contains(&d.pid().to_string()) && err.contains("kill -TERM"),
+        "{err}"
+    );
 
     wait_for(Duration::from_secs(60), || {
         (reads.load(Ordering::SeqCst) > at_start).then_some(())

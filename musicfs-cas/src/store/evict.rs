@@ -32,6 +32,11 @@ use crate::ChunkId;
 const VICTIM_BATCH: usize = 256;
 
 impl Inner {
+    /// True when the chunks and the index pass the limit.
+    pub(super) fn over_limit(&self) -> bool {
+        self.table.lock().total() + self.index_bytes.load(Ordering::Relaxed) > self.max_size
+    }
+
     /// Evicts down to the low watermark when the chunks and the index pass
     /// the limit. Waits for the background reconcile: before it, the table
     /// holds only part of the chunks, the wrong ones to choose from.
