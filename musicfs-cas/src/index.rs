@@ -301,7 +301,7 @@ impl Index {
 
     /// All chunk records, and the keys of those that do not decode (left
     /// in place: for `verify`, which changes nothing).
-    pub fn read_chunk_records(&self) -> Result<(Vec<(ChunkId, ChunkRecord)>, Vec<sled::IVec>)> {
+    pub fn read_chunk_records(&self) -> Result<(Vec<(ChunkId, ChunkRecord)>, DamagedKeys)> {
         let mut out = Vec::new();
         let mut damaged = Vec::new();
         for item in self.chunks.iter() {
@@ -509,6 +509,9 @@ impl Index {
         Ok(())
     }
 }
+
+/// Keys of records that do not decode.
+pub type DamagedKeys = Vec<sled::IVec>;
 
 /// One stored manifest as `verify` sees it.
 #[derive(Debug)]

@@ -48,10 +48,12 @@ pub enum Progress {
 /// or `index.sled/`); else what was expected, in one line.
 pub fn looks_like_cache(dir: &Path) -> std::result::Result<(), String> {
     match fs::metadata(dir) {
-        Err(e) if e.kind() == ErrorKind::NotFound => return Err(format!(
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            return Err(format!(
             "{} does not exist; expected a MusicFS cache directory (with chunks/ and index.sled/)",
             dir.display()
-        )),
+        ))
+        }
         Err(e) => return Err(format!("{}: {e}", dir.display())),
         Ok(m) if !m.is_dir() => {
             return Err(format!(

@@ -676,15 +676,12 @@ impl Inner {
                 t.evicting.insert(*id);
                 e
             };
-            match self.unlink_victim(id) {
-                Some(Err(e)) => {
-                    debug!(chunk = %id, error = %e, "cannot remove chunk file");
-                    if let Some(e) = entry {
-                        self.table.lock().restore(*id, e);
-                    }
-                    return;
+            if let Some(Err(e)) = self.unlink_victim(id) {
+                debug!(chunk = %id, error = %e, "cannot remove chunk file");
+                if let Some(e) = entry {
+                    self.table.lock().restore(*id, e);
                 }
-                Some(Ok(())) | None => {}
+                return;
             }
         } else {
             let entry = self.table.lock().remove(id);

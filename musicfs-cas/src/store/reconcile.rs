@@ -124,7 +124,10 @@ fn run(weak: Weak<Inner>, stop: Arc<Stop>, chunks_dir: &Path) {
         if inner.watch.stuck_for().is_none() {
             inner.upkeep();
             let evicted = inner.counters.evicted_chunks.load(Ordering::Relaxed);
-            let due = last_sweep.map_or(true, |t| t.elapsed() >= SWEEP_EVERY);
+            let due = match last_sweep {
+                None => true,
+                Some(t) => t.elapsed() >= SWEEP_EVERY,
+            };
             if due && evicted != evicted_at_sweep {
                 evicted_at_sweep = evicted;
                 last_sweep = Some(Instant::now());
