@@ -52,6 +52,21 @@ pub enum FindingKind {
     DamagedIndex,
 }
 
+impl FindingKind {
+    /// Leftovers of a crash that the next mount heals by itself (its open
+    /// and background reconcile): normal after a kill or power loss, not
+    /// damage.
+    pub fn heals_at_mount(&self) -> bool {
+        matches!(
+            self,
+            FindingKind::OrphanedTempFile
+                | FindingKind::StrayFile
+                | FindingKind::FileWithoutRecord
+                | FindingKind::RecordWithoutFile
+        )
+    }
+}
+
 impl fmt::Display for FindingKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -98,6 +113,12 @@ impl VerifyReport {
 
     pub fn unrepaired(&self) -> impl Iterator<Item = &Finding> {
         self.findings.iter().filter(|f| !f.repaired)
+    }
+
+    /// True when something unrepaired is more than a crash leftover the
+    /// next mount heals by itself (`musicfs verify` exits 1 then).
+    pub fn damage_remains(&self) -> bool {
+        self.unrepaired().any(|f| !f.kind.heals_at_mount())
     }
 }
 

@@ -4,7 +4,9 @@
 //!   it expected otherwise; nothing is created on a typo).
 //! - Without `--repair` it changes nothing on disk: it inspects the chunk
 //!   files and a copy of the index ([`musicfs_cas::inspect`]) and reports
-//!   what an open or a repair would heal. It holds a shared lock on
+//!   what an open or a repair would heal. Exit 1 only for damage: crash
+//!   leftovers that the next mount heals by itself (temp files, strays,
+//!   index records out of step with the files) are listed but exit 0. It holds a shared lock on
 //!   `musicfs.lock` meanwhile (without writing to it), so a mount cannot
 //!   start and change the cache under it.
 //! - With a mount running it still hashes every chunk file (chunks are
@@ -65,10 +67,10 @@ pub fn run(cache_dir: PathBuf, repair: bool, json: bool) -> Result<ExitCode> {
     };
     bar.finish();
     print_report(&report, json, running.is_some())?;
-    Ok(if report.is_clean() {
-        ExitCode::SUCCESS
-    } else {
+    Ok(if report.damage_remains() {
         ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
     })
 }
 
@@ -161,19 +163,30 @@ fn print_report(report: &VerifyReport, json: bool, running: bool) -> Result<()> 
         let v = serde_json::json!({
             "chunks_checked": report.chunks_checked, "bytes_checked": report.bytes_checked,
             "manifests_checked": report.manifests_checked,
-            "chunks_not_cached": report.chunks_not_cached, "clean": report.is_clean(),
+            "chunks_not_cached": report.chunks_not_cached,
+            "clean": !report.damage_remains(),
+            "leftovers": report.unrepaired().filter(|f| f.kind.heals_at_mount()).count(),
             "findings": findings, "skipped": report.skipped, "mount_running": running,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     print!("{report}");
-    if !report.is_clean() {
+    let leftovers = report
+        .unrepaired()
+        .filter(|f| f.kind.heals_at_mount())
+        .count();
+    if report.damage_remains() {
         if running {
             println!("damage remains: stop the mount, then run `musicfs verify --repair`");
         } else {
             println!("damage remains: run `musicfs verify --repair`");
         }
+    } else if leftovers > 0 {
+        println!(
+            "no damage; {leftovers} crash leftover(s) that the next mount heals by itself \
+             (or `musicfs verify --repair` now)"
+        );
     } else if report.findings.is_empty() {
         println!("clean");
     } else {
