@@ -33,6 +33,7 @@ use tracing::{info, warn};
 
 use crate::index::{log_rebuild, Index, IndexOpenReport};
 use crate::manifest::{ChunkRef, FileVersion, Manifest};
+use crate::stats::CacheStats;
 use crate::store::{ChunkStore, OpenReport, StoreConfig};
 use crate::tree::TreeMemo;
 use crate::{CasError, ChunkParams, Result};
@@ -85,27 +86,6 @@ pub struct CacheOpenReport {
     pub store: OpenReport,
 }
 
-/// A snapshot for `musicfs status`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CacheStats {
-    pub size: u64,
-    pub max_size: u64,
-    pub chunks: u64,
-    pub manifests: u64,
-    /// Bytes served from chunks or the ingest buffer.
-    pub hit_bytes: u64,
-    /// Bytes served by direct origin reads (cold seeks, passthrough).
-    pub origin_bytes: u64,
-    /// Bytes the ingest read from origins.
-    pub ingested_bytes: u64,
-    pub refetched_chunks: u64,
-    pub corrupt_chunks: u64,
-    pub missing_chunks: u64,
-    pub evicted_chunks: u64,
-    pub open_files: u64,
-    pub degraded: Option<String>,
-}
-
 #[derive(Debug, Default)]
 struct Counters {
     hit_bytes: AtomicU64,
@@ -154,6 +134,10 @@ impl Cache {
             low_watermark_pct: 90,
             max_chunk: u64::from(config.chunk_params.max),
             max_open_files: config.max_open_files,
+            // Well inside the read timeout, so a read that meets a hung
+            // cache disk still has time to go to the origin.
+            disk_timeout: (config.origin_timeout / 4)
+                .clamp(Duration::from_secs(1), Duration::from_secs(5)),
         };
         let (store, report) = tokio::task::spawn_blocking(move || -> Result<_> {
             if let Err(e) = std::fs::create_dir_all(&dir) {
@@ -288,6 +272,7 @@ impl Cache {
         let sc = s.counters();
         CacheStats {
             size: s.current_size(),
+            index_bytes: s.index_size(),
             max_size: s.max_size(),
             chunks: s.chunk_count(),
             manifests: self.index().manifest_count() as u64,
@@ -295,9 +280,12 @@ impl Cache {
             origin_bytes: c.origin_bytes.load(Ordering::Relaxed),
             ingested_bytes: c.ingested_bytes.load(Ordering::Relaxed),
             refetched_chunks: c.refetched.load(Ordering::Relaxed),
+            refetched_corrupt: c.refetched_corrupt.load(Ordering::Relaxed),
+            refetched_evicted: c.refetched_evicted.load(Ordering::Relaxed),
             corrupt_chunks: sc.corrupt.load(Ordering::Relaxed),
             missing_chunks: sc.missing.load(Ordering::Relaxed),
             evicted_chunks: sc.evicted_chunks.load(Ordering::Relaxed),
+            evicted_bytes: sc.evicted_bytes.load(Ordering::Relaxed),
             open_files: self
                 .inner
                 .open
@@ -306,6 +294,7 @@ impl Cache {
                 .filter(|w| w.strong_count() > 0)
                 .count() as u64,
             degraded: s.degraded(),
+            reconciling: s.reconciling(),
         }
     }
 

@@ -10,12 +10,19 @@
 //!
 //! Records are decoded as untrusted bytes: a damaged record is a typed error
 //! and is dropped, never a panic.
+//!
+//! The number of manifests is a counter (sled's `len` walks the whole
+//! tree): every insert and removal adjusts it under one small lock, and a
+//! count taken while no manifest changed sets it exactly (the store counts
+//! once after open, in the background).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use musicfs_origins::{OriginId, OriginPath};
+use parking_lot::Mutex;
 use tracing::{info, warn};
 
 use crate::listing::Listing;
@@ -25,6 +32,8 @@ use crate::{CasError, ChunkId, Result};
 const CHUNKS: &str = "chunks";
 const MANIFESTS: &str = "manifests";
 const LISTINGS: &str = "listings";
+/// Records checked at each end of each tree when the index opens.
+const VALIDATE_SAMPLE: usize = 256;
 
 /// What the index remembers of one chunk file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +84,17 @@ pub struct Index {
     chunks: sled::Tree,
     manifests: sled::Tree,
     listings: sled::Tree,
+    manifest_count: Arc<Mutex<ManifestCount>>,
+}
+
+/// See the module docs.
+#[derive(Debug, Default)]
+struct ManifestCount {
+    count: i64,
+    /// Bumped by every insert and removal.
+    changes: u64,
+    /// True once a full count has succeeded.
+    exact: bool,
 }
 
 fn sled_err(e: sled::Error) -> CasError {
@@ -212,21 +232,33 @@ impl Index {
             chunks,
             manifests,
             listings,
+            manifest_count: Arc::default(),
         })
     }
 
-    /// Every record must decode; one that does not means the database was
-    /// damaged in ways sled did not notice.
+    /// The records at both ends of each tree must decode; one that does not
+    /// means the database was damaged in ways sled did not notice (a
+    /// database that reads as garbage fails here). Only a sample, so that
+    /// opening an index of 200,000 records stays quick: the rest are
+    /// decoded as they are used, and a damaged one is dropped then (the
+    /// store's reconcile reads every chunk record, the manifest sweep every
+    /// manifest).
     fn validate(&self) -> std::result::Result<(), String> {
         let check = || -> std::result::Result<(), String> {
-            for item in self.chunks.iter() {
+            let ends = |t: &sled::Tree| {
+                t.iter()
+                    .take(VALIDATE_SAMPLE)
+                    .chain(t.iter().rev().take(VALIDATE_SAMPLE))
+                    .collect::<Vec<_>>()
+            };
+            for item in ends(&self.chunks) {
                 let (k, v) = item.map_err(|e| e.to_string())?;
                 if k.len() != 32 {
                     return Err(format!("chunk key of {} bytes", k.len()));
                 }
                 ChunkRecord::decode(&v).map_err(|e| e.to_string())?;
             }
-            for item in self.manifests.iter() {
+            for item in ends(&self.manifests) {
                 let (k, v) = item.map_err(|e| e.to_string())?;
                 decode_manifest_key(&k).ok_or("undecodable manifest key")?;
                 Manifest::decode(&v).map_err(|e| e.to_string())?;
@@ -251,22 +283,39 @@ impl Index {
         Ok(())
     }
 
-    /// All chunk records; undecodable ones are skipped (the store re-adds the
-    /// files they stood for).
+    /// All chunk records; undecodable ones are dropped (the store re-adds
+    /// the files they stood for).
     pub fn chunk_records(&self) -> Result<Vec<(ChunkId, ChunkRecord)>> {
-        let mut out = Vec::with_capacity(self.chunks.len());
-        for item in self.chunks.iter() {
-            let (k, v) = item.map_err(sled_err)?;
-            let Ok(key) = <[u8; 32]>::try_from(&k[..]) else {
-                continue;
-            };
-            if let Ok(rec) = ChunkRecord::decode(&v) {
-                out.push((ChunkId::from_bytes(key), rec));
+        let (out, damaged) = self.read_chunk_records()?;
+        if !damaged.is_empty() {
+            warn!(
+                count = damaged.len(),
+                "dropping damaged chunk records; the chunk files are recorded again"
+            );
+            for k in damaged {
+                self.chunks.remove(k).map_err(sled_err)?;
             }
         }
         Ok(out)
     }
 
+    /// All chunk records, and the keys of those that do not decode (left
+    /// in place: for `verify`, which changes nothing).
+    pub fn read_chunk_records(&self) -> Result<(Vec<(ChunkId, ChunkRecord)>, DamagedKeys)> {
+        let mut out = Vec::new();
+        let mut damaged = Vec::new();
+        for item in self.chunks.iter() {
+            let (k, v) = item.map_err(sled_err)?;
+            let key = <[u8; 32]>::try_from(&k[..]).ok();
+            match (key, ChunkRecord::decode(&v)) {
+                (Some(key), Ok(rec)) => out.push((ChunkId::from_bytes(key), rec)),
+                _ => damaged.push(k),
+            }
+        }
+        Ok((out, damaged))
+    }
+
+    /// Chunk records (a walk of the tree: for tests and `doctor`).
     pub fn chunk_count(&self) -> usize {
         self.chunks.len()
     }
@@ -274,25 +323,101 @@ impl Index {
     /// The manifest of a file, if one is stored and decodes. A damaged one is
     /// dropped (it is only a cache) and `None` returned.
     pub fn manifest(&self, origin: &OriginId, path: &OriginPath) -> Result<Option<Manifest>> {
-        get_or_drop(
-            &self.manifests,
-            &manifest_key(origin, path),
-            Manifest::decode,
-        )
+        let key = manifest_key(origin, path);
+        let Some(bytes) = self.manifests.get(&key).map_err(sled_err)? else {
+            return Ok(None);
+        };
+        match Manifest::decode(&bytes) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) => {
+                warn!(%origin, %path, error = %e, "dropping a damaged manifest; the file is fetched again from the origin");
+                self.remove_manifest_raw(&key)?;
+                Ok(None)
+            }
+        }
     }
 
     pub fn put_manifest(&self, origin: &OriginId, path: &OriginPath, m: &Manifest) -> Result<()> {
-        self.manifests
+        let mut c = self.manifest_count.lock();
+        let old = self
+            .manifests
             .insert(manifest_key(origin, path), m.encode())
             .map_err(sled_err)?;
+        c.changes += 1;
+        if old.is_none() {
+            c.count += 1;
+        }
         Ok(())
     }
 
     pub fn remove_manifest(&self, origin: &OriginId, path: &OriginPath) -> Result<()> {
-        self.manifests
-            .remove(manifest_key(origin, path))
-            .map_err(sled_err)?;
-        Ok(())
+        self.remove_manifest_raw(&manifest_key(origin, path))
+    }
+
+    /// Forgets a file that is gone from its origin: its manifest (the
+    /// filesystem calls this when a lookup finds the file deleted).
+    pub fn forget_file(&self, origin: &OriginId, path: &OriginPath) -> Result<()> {
+        self.remove_manifest(origin, path)
+    }
+
+    /// Forgets a directory that is gone from its origin: its listing and
+    /// the listings and manifests of everything under it. Returns how many
+    /// records were dropped. The root forgets the whole origin.
+    pub fn forget_tree(&self, origin: &OriginId, dir: &OriginPath) -> Result<u64> {
+        let mut dropped = 0;
+        let own = manifest_key(origin, dir);
+        if self.listings.remove(&own).map_err(sled_err)?.is_some() {
+            dropped += 1;
+        }
+        if !dir.is_root() && self.remove_manifest_raw_counted(&own)? {
+            dropped += 1;
+        }
+        let mut prefix = own;
+        if !dir.is_root() {
+            prefix.push(b'/');
+        }
+        for tree in [&self.listings, &self.manifests] {
+            let keys: Vec<sled::IVec> = tree
+                .scan_prefix(&prefix)
+                .keys()
+                .collect::<std::result::Result<_, _>>()
+                .map_err(sled_err)?;
+            for k in keys {
+                let removed = if std::ptr::eq(tree, &self.manifests) {
+                    self.remove_manifest_raw_counted(&k)?
+                } else {
+                    tree.remove(&k).map_err(sled_err)?.is_some()
+                };
+                if removed {
+                    dropped += 1;
+                }
+            }
+        }
+        Ok(dropped)
+    }
+
+    /// Drops every manifest for which `keep` is false, unless it changed
+    /// meanwhile (the ingest extended it). Returns how many were dropped;
+    /// manifests that do not decode are dropped too.
+    pub fn sweep_manifests(&self, keep: impl Fn(&Manifest) -> bool) -> Result<u64> {
+        let mut dropped = 0;
+        for item in self.manifests.iter() {
+            let (k, v) = item.map_err(sled_err)?;
+            if Manifest::decode(&v).is_ok_and(|m| keep(&m)) {
+                continue;
+            }
+            let mut c = self.manifest_count.lock();
+            let swapped = self
+                .manifests
+                .compare_and_swap(&k, Some(&v), None::<&[u8]>)
+                .map_err(sled_err)?;
+            if swapped.is_ok() {
+                c.changes += 1;
+                c.count -= 1;
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
     }
 
     /// Every manifest with its origin and path. Entries that do not decode
@@ -313,12 +438,45 @@ impl Index {
     }
 
     pub fn remove_manifest_raw(&self, raw_key: &[u8]) -> Result<()> {
-        self.manifests.remove(raw_key).map_err(sled_err)?;
-        Ok(())
+        self.remove_manifest_raw_counted(raw_key).map(|_| ())
     }
 
+    fn remove_manifest_raw_counted(&self, raw_key: &[u8]) -> Result<bool> {
+        let mut c = self.manifest_count.lock();
+        let old = self.manifests.remove(raw_key).map_err(sled_err)?;
+        c.changes += 1;
+        if old.is_some() {
+            c.count -= 1;
+        }
+        Ok(old.is_some())
+    }
+
+    /// The number of manifests, from the counter (O(1)). Exact once the
+    /// store's first count after open has run; until then it counts the
+    /// manifests added since open.
     pub fn manifest_count(&self) -> usize {
-        self.manifests.len()
+        usize::try_from(self.manifest_count.lock().count).unwrap_or(0)
+    }
+
+    /// Counts the manifests (a walk of the tree) and sets the counter, if
+    /// no manifest changed during the count; else leaves it for the next
+    /// try. Returns whether the count is exact now.
+    pub fn recount_manifests(&self) -> bool {
+        let before = self.manifest_count.lock().changes;
+        let n = self.manifests.len() as i64;
+        let mut c = self.manifest_count.lock();
+        if c.changes == before {
+            c.count = n;
+            c.exact = true;
+        }
+        c.exact
+    }
+
+    /// [`Self::recount_manifests`] unless the count is exact already.
+    pub fn recount_manifests_if_unsure(&self) {
+        if !self.manifest_count.lock().exact {
+            self.recount_manifests();
+        }
     }
 
     /// The cached listing of a directory, if one is stored and decodes (a
@@ -370,6 +528,9 @@ impl Index {
         Ok(())
     }
 }
+
+/// Keys of records that do not decode.
+pub type DamagedKeys = Vec<sled::IVec>;
 
 /// One stored manifest as `verify` sees it.
 #[derive(Debug)]
@@ -504,6 +665,79 @@ mod tests {
         let all = idx.manifests().unwrap();
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].key.as_ref().unwrap().1, p);
+    }
+
+    fn manifest_of(len: u32) -> Manifest {
+        let mut m = Manifest::new(FileVersion {
+            size: u64::from(len),
+            mtime_ns: Some(1),
+            etag: None,
+        });
+        m.push(ChunkRef {
+            id: ChunkId::of(&len.to_le_bytes()),
+            len,
+        })
+        .unwrap();
+        m
+    }
+
+    #[test]
+    fn the_manifest_count_is_kept_without_walking_the_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sled");
+        let o = OriginId::new("lib").unwrap();
+        {
+            let (idx, _) = Index::open(&path).unwrap();
+            for i in 0..5u32 {
+                let p = OriginPath::new(&format!("f{i}")).unwrap();
+                idx.put_manifest(&o, &p, &manifest_of(i + 1)).unwrap();
+            }
+            // Replacing one is no new manifest; removing one is one less.
+            let p0 = OriginPath::new("f0").unwrap();
+            idx.put_manifest(&o, &p0, &manifest_of(9)).unwrap();
+            idx.remove_manifest(&o, &OriginPath::new("f1").unwrap())
+                .unwrap();
+            idx.remove_manifest(&o, &OriginPath::new("gone").unwrap())
+                .unwrap();
+            assert_eq!(idx.manifest_count(), 4);
+            idx.flush().unwrap();
+        }
+        let (idx, _) = Index::open(&path).unwrap();
+        // Counted once after open (the store does this in the background).
+        assert!(idx.recount_manifests());
+        assert_eq!(idx.manifest_count(), 4);
+    }
+
+    #[test]
+    fn forget_tree_drops_a_vanished_directory_and_everything_under_it() {
+        let (idx, o) = (Index::temporary().unwrap(), OriginId::new("lib").unwrap());
+        let p = |s: &str| OriginPath::new(s).unwrap();
+        for f in [
+            "Album/01.flac",
+            "Album/CD2/01.flac",
+            "Albums/x.flac",
+            "y.flac",
+        ] {
+            idx.put_manifest(&o, &p(f), &manifest_of(3)).unwrap();
+        }
+        for d in ["Album", "Album/CD2", "Albums"] {
+            let l = Listing {
+                fetched_at_ns: 1,
+                entries: Vec::new(),
+            };
+            idx.put_listing(&o, &p(d), &l).unwrap();
+        }
+        // Two manifests and two listings under Album/; not "Albums".
+        assert_eq!(idx.forget_tree(&o, &p("Album")).unwrap(), 4);
+        assert!(idx.manifest(&o, &p("Album/CD2/01.flac")).unwrap().is_none());
+        assert!(idx.listing(&o, &p("Album")).unwrap().is_none());
+        assert!(idx.manifest(&o, &p("Albums/x.flac")).unwrap().is_some());
+        assert!(idx.listing(&o, &p("Albums")).unwrap().is_some());
+        assert_eq!(idx.manifest_count(), 2);
+        idx.forget_file(&o, &p("y.flac")).unwrap();
+        assert_eq!(idx.manifest_count(), 1);
+        assert_eq!(idx.forget_tree(&o, &OriginPath::root()).unwrap(), 2);
+        assert_eq!(idx.manifest_count(), 0);
     }
 
     #[test]

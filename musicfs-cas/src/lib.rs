@@ -6,6 +6,8 @@
 //!   written through `CACHE/tmp/` and renamed into place; size accounting,
 //!   LRU eviction that never touches a pinned chunk, verified reads, and the
 //!   degraded (passthrough) state when the cache disk fails.
+//!   Opening returns at once; the shard tree is reconciled with the index
+//!   in the background.
 //! - [`index`]: a sled database in `CACHE/index.sled` holding chunk records
 //!   and [`manifest`]s. It is a disposable cache of the chunk files: when it
 //!   is damaged it is moved aside and rebuilt from them.
@@ -15,7 +17,10 @@
 //!   re-fetches damaged chunks by their byte range.
 //! - `tree`: checks part of a chunk against the chunk's BLAKE3 hash tree,
 //!   so a small read of a cached chunk needs not hash all of it.
-//! - [`verify`]: the offline check and repair behind `musicfs verify`.
+//! - [`stats`]: the figures `musicfs status` and `statfs` show, all kept as
+//!   counters.
+//! - [`verify`]: the check and repair behind `musicfs verify`, and the
+//!   read-only inspection of a cache directory it runs without `--repair`.
 //!
 //! The invariant everything rests on: a chunk's bytes are only ever served
 //! after hashing to the chunk's name (whole, or as part of its BLAKE3 tree
@@ -26,17 +31,20 @@ pub mod cache;
 pub mod chunk;
 mod codec;
 pub mod index;
+pub mod inspect;
 pub mod listing;
 pub mod manifest;
+pub mod stats;
 pub mod store;
 mod tree;
 pub mod verify;
 
-pub use cache::{Cache, CacheConfig, CacheStats, FileHandle};
+pub use cache::{Cache, CacheConfig, FileHandle};
 pub use chunk::{ChunkId, ChunkParams};
 pub use index::Index;
 pub use listing::Listing;
 pub use manifest::{ChunkRef, FileVersion, Manifest};
+pub use stats::CacheStats;
 pub use store::{ChunkStore, StoreConfig};
 pub use verify::{Finding, FindingKind, VerifyReport};
 

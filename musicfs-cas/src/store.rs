@@ -12,14 +12,21 @@
 //! - Bytes are only returned by [`ChunkStore::get`] after they hash to the
 //!   chunk's name. Chunk writes are not fsynced: a chunk torn by power loss
 //!   fails that check, is removed, and is fetched again.
-//! - `current_size` is the sum of the chunk files in the shard tree; it is
-//!   computed by a recursive scan at open and kept current by every put and
-//!   removal. When it passes `max_size`, least-recently-used chunks are
-//!   removed down to the low watermark, skipping every pinned chunk (a read
-//!   in flight pins the chunks it needs).
-//! - Renames into place and evictions' unlinks happen under the table lock,
-//!   so an eviction can never delete a chunk that a concurrent put has just
-//!   re-created.
+//! - Opening is quick at any size: the shard tree is scanned and the index
+//!   reconciled with it by a background thread ([`reconcile`]); reads are
+//!   correct meanwhile, and [`ChunkStore::reconciled`] waits for it.
+//! - `current_size` is the sum of the chunk files the table knows: the
+//!   reconcile adds the files it finds, and every put and removal keeps it
+//!   current. When the chunks plus the index's disk use pass `max_size`,
+//!   least-recently-used chunks are removed down to the low watermark,
+//!   skipping every pinned chunk (a read in flight pins the chunks it
+//!   needs). Victims are taken from an LRU order a batch at a time under
+//!   the table lock and unlinked outside it ([`evict`]), so a read that
+//!   pins chunks never waits for an eviction's unlinks.
+//! - No disk operation runs under the table lock. A put and an eviction of
+//!   the same chunk hand over through the table (`evicting`/`unlinking`):
+//!   an eviction never deletes a file that a concurrent put has just
+//!   renamed into place.
 //! - At most `max_open_files` chunk files are open at once; the rest queue,
 //!   and an operation that still meets `EMFILE` waits for fds to free up
 //!   (up to [`fds::FD_WAIT`]) rather than failing the read.
@@ -28,8 +35,16 @@
 //!   are refused with [`CasError::CacheUnavailable`] so callers serve from the
 //!   origin. Every few seconds a put probes the disk, and the store recovers
 //!   by itself when the probe succeeds.
+//! - When the disk stops answering (an operation runs past `disk_timeout`,
+//!   [`watch`]) the store is degraded too and refuses disk work at once
+//!   until the stuck operations return; async operations are bounded by
+//!   the same timeout.
 
-use std::collections::{HashMap, HashSet};
+mod evict;
+pub(crate) mod reconcile;
+mod table;
+mod watch;
+
 use std::fs;
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
@@ -39,21 +54,31 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use musicfs_origins::fds;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use crate::index::{now_ns, ChunkRecord, Index};
 use crate::{CasError, ChunkId, Result};
+use reconcile::Stop;
+use table::Table;
+use watch::DiskWatch;
+
+pub use reconcile::UPKEEP_EVERY;
 
 /// How long a degraded store waits between probes of the disk.
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+/// Reads the FUSE threads may have on the cache disk at once (the rest
+/// take the async path, which is bounded by the disk timeout): a disk that
+/// hangs can pin at most this many of them before the store notices.
+const BLOCKING_READERS: usize = 2;
 
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     /// The cache directory; the store uses `chunks/` and `tmp/` inside it.
     pub dir: PathBuf,
-    /// Eviction starts when the chunk files pass this many bytes.
+    /// Eviction starts when the chunk files and the index pass this many
+    /// bytes.
     pub max_size: u64,
     /// Eviction stops at this percentage of `max_size`.
     pub low_watermark_pct: u8,
@@ -61,6 +86,9 @@ pub struct StoreConfig {
     pub max_chunk: u64,
     /// Chunk files open at once; 0 picks a quarter of RLIMIT_NOFILE (8..=256).
     pub max_open_files: usize,
+    /// A chunk-file operation running longer than this means the cache
+    /// disk is not answering (see the module docs).
+    pub disk_timeout: Duration,
 }
 
 impl StoreConfig {
@@ -71,11 +99,12 @@ impl StoreConfig {
             low_watermark_pct: 90,
             max_chunk: 4 << 20,
             max_open_files: 0,
+            disk_timeout: Duration::from_secs(5),
         }
     }
 }
 
-/// What the store's open found and fixed.
+/// What the store's open and its background reconcile found and fixed.
 #[derive(Debug, Clone, Default)]
 pub struct OpenReport {
     pub chunks: u64,
@@ -84,40 +113,6 @@ pub struct OpenReport {
     pub stray_files_removed: u64,
     pub index_entries_dropped: u64,
     pub index_entries_added: u64,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    size: u64,
-    atime_ns: u64,
-}
-
-#[derive(Debug, Default)]
-struct Table {
-    entries: HashMap<ChunkId, Entry>,
-    pins: HashMap<ChunkId, u32>,
-    total: u64,
-    dirty: HashSet<ChunkId>,
-}
-
-impl Table {
-    fn insert(&mut self, id: ChunkId, size: u64) {
-        let e = Entry {
-            size,
-            atime_ns: now_ns(),
-        };
-        if let Some(old) = self.entries.insert(id, e) {
-            self.total -= old.size;
-        }
-        self.total += size;
-    }
-
-    fn remove(&mut self, id: &ChunkId) -> Option<Entry> {
-        let e = self.entries.remove(id)?;
-        self.total -= e.size;
-        self.dirty.remove(id);
-        Some(e)
-    }
 }
 
 #[derive(Debug, Default)]
@@ -143,15 +138,33 @@ pub struct StoreCounters {
 struct Inner {
     chunks_dir: PathBuf,
     tmp_dir: PathBuf,
+    /// `None` for an index that does not live in the cache dir.
+    index_path: Option<PathBuf>,
     max_size: u64,
     low_water: u64,
     max_chunk: u64,
     index: Index,
     table: Mutex<Table>,
+    /// Signalled when an eviction's unlink ends (a put may wait for it).
+    unlinked: Condvar,
     io: Arc<Semaphore>,
+    blocking_readers: Arc<Semaphore>,
     disk: DiskState,
+    watch: DiskWatch,
     counters: StoreCounters,
     tmp_seq: AtomicU64,
+    /// Disk use of the index, measured by upkeep.
+    index_bytes: AtomicU64,
+    /// Only one eviction at a time.
+    evicting: Mutex<()>,
+    reconciled: tokio::sync::watch::Sender<Option<OpenReport>>,
+    stop: Arc<Stop>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.stop();
+    }
 }
 
 /// A cheap, clonable handle to the chunk store.
@@ -182,8 +195,9 @@ impl Drop for PinGuard {
 }
 
 impl ChunkStore {
-    /// Opens the store: cleans crash leftovers, scans the shard tree, and
-    /// reconciles `index` with the files found (the files win).
+    /// Opens the store: empties `tmp/` and starts the background reconcile
+    /// of the shard tree with `index` (the files win; see [`reconcile`]).
+    /// Returns at once, with what was cleaned so far.
     pub fn open(config: StoreConfig, index: Index) -> Result<(Self, OpenReport)> {
         if config.max_size == 0 {
             return Err(CasError::InvalidConfig {
@@ -202,70 +216,63 @@ impl ChunkStore {
                 *disk.last_failure.lock() = Some(Instant::now());
             }
         }
-        report.temp_files_removed = clean_dir(&tmp_dir);
-
-        let mut found = Vec::new();
-        scan_shards(&chunks_dir, 0, &mut found, &mut report.stray_files_removed);
-        let mut table = Table::default();
-        let recorded: HashMap<ChunkId, ChunkRecord> = index.chunk_records()?.into_iter().collect();
-        for (id, size, mtime_ns) in found {
-            let atime_ns = match recorded.get(&id) {
-                Some(rec) => rec.atime_ns,
-                None => {
-                    report.index_entries_added += 1;
-                    let _ = index.put_chunk(
-                        &id,
-                        ChunkRecord {
-                            size,
-                            atime_ns: mtime_ns,
-                        },
-                    );
-                    mtime_ns
-                }
-            };
-            table.entries.insert(id, Entry { size, atime_ns });
-            table.total += size;
+        report.temp_files_removed = reconcile::clean_dir(&tmp_dir);
+        if report.temp_files_removed > 0 {
+            info!(
+                removed = report.temp_files_removed,
+                "removed temp files left by a crash"
+            );
         }
-        for id in recorded.keys() {
-            if !table.entries.contains_key(id) {
-                report.index_entries_dropped += 1;
-                let _ = index.remove_chunk(id);
-            }
-        }
-        report.chunks = table.entries.len() as u64;
-        report.bytes = table.total;
-        if report.temp_files_removed
-            + report.stray_files_removed
-            + report.index_entries_dropped
-            + report.index_entries_added
-            > 0
-        {
-            info!(?report, "cache opened; healed leftovers");
-        }
-
         let max_open = if config.max_open_files == 0 {
             default_max_open_files()
         } else {
             config.max_open_files
         };
         let low_water = config.max_size / 100 * u64::from(config.low_watermark_pct.min(100));
-        let store = ChunkStore {
-            inner: Arc::new(Inner {
-                chunks_dir,
-                tmp_dir,
-                max_size: config.max_size,
-                low_water,
-                max_chunk: config.max_chunk,
-                index,
-                table: Mutex::new(table),
-                io: Arc::new(Semaphore::new(max_open)),
-                disk,
-                counters: StoreCounters::default(),
-                tmp_seq: AtomicU64::new(0),
-            }),
+        let index_path = config.dir.join("index.sled");
+        let mut table = Table::default();
+        table.loading = true;
+        let inner = Arc::new(Inner {
+            chunks_dir,
+            tmp_dir,
+            index_path: index_path.is_dir().then_some(index_path),
+            max_size: config.max_size,
+            low_water,
+            max_chunk: config.max_chunk,
+            index,
+            table: Mutex::new(table),
+            unlinked: Condvar::new(),
+            io: Arc::new(Semaphore::new(max_open)),
+            blocking_readers: Arc::new(Semaphore::new(BLOCKING_READERS)),
+            disk,
+            watch: DiskWatch::new(config.disk_timeout),
+            counters: StoreCounters::default(),
+            tmp_seq: AtomicU64::new(0),
+            index_bytes: AtomicU64::new(0),
+            evicting: Mutex::new(()),
+            reconciled: tokio::sync::watch::channel(None).0,
+            stop: Arc::new(Stop::default()),
+        });
+        reconcile::spawn(&inner);
+        Ok((ChunkStore { inner }, report))
+    }
+
+    /// Waits for the background reconcile that follows every open, and
+    /// returns what it found and fixed.
+    pub async fn reconciled(&self) -> OpenReport {
+        let mut rx = self.inner.reconciled.subscribe();
+        // Err only if the sender is gone, and it lives in `inner`, which we
+        // hold.
+        let report = match rx.wait_for(Option::is_some).await {
+            Ok(r) => r.clone().unwrap_or_default(),
+            Err(_) => OpenReport::default(),
         };
-        store.inner.evict_if_needed();
-        Ok((store, report))
+        report
+    }
+
+    /// True while the background reconcile has not finished.
+    pub fn reconciling(&self) -> bool {
+        self.inner.reconciled.borrow().is_none()
     }
 
     pub fn index(&self) -> &Index {
@@ -281,8 +288,14 @@ impl ChunkStore {
         self.inner.chunk_path(id)
     }
 
+    /// Bytes of the chunk files.
     pub fn current_size(&self) -> u64 {
-        self.inner.table.lock().total
+        self.inner.table.lock().total()
+    }
+
+    /// Disk use of the index, as last measured (every [`UPKEEP_EVERY`]).
+    pub fn index_size(&self) -> u64 {
+        self.inner.index_bytes.load(Ordering::Relaxed)
     }
 
     pub fn max_size(&self) -> u64 {
@@ -290,23 +303,26 @@ impl ChunkStore {
     }
 
     pub fn chunk_count(&self) -> u64 {
-        self.inner.table.lock().entries.len() as u64
+        self.inner.table.lock().len() as u64
     }
 
     pub fn contains(&self, id: &ChunkId) -> bool {
-        self.inner.table.lock().entries.contains_key(id)
+        self.inner.table.lock().contains(id)
     }
 
     pub fn ids(&self) -> Vec<ChunkId> {
-        self.inner.table.lock().entries.keys().copied().collect()
+        self.inner.table.lock().ids().copied().collect()
     }
 
     pub fn counters(&self) -> &StoreCounters {
         &self.inner.counters
     }
 
-    /// `Some(reason)` while the cache disk is unusable.
+    /// `Some(reason)` while the cache disk is unusable or not answering.
     pub fn degraded(&self) -> Option<String> {
+        if let Some(reason) = self.inner.not_answering() {
+            return Some(reason);
+        }
         if self.inner.disk.degraded.load(Ordering::SeqCst) {
             Some(self.inner.disk.reason.lock().clone().unwrap_or_default())
         } else {
@@ -314,9 +330,16 @@ impl ChunkStore {
         }
     }
 
-    /// True when the store is degraded and the probe interval has passed.
+    /// True while a disk operation has run past the disk timeout.
+    pub fn not_answering(&self) -> bool {
+        self.inner.watch.stuck_for().is_some()
+    }
+
+    /// True when the store is degraded and the probe interval has passed
+    /// (never while the disk is not answering: a probe would hang too).
     pub fn probe_due(&self) -> bool {
         self.inner.disk.degraded.load(Ordering::SeqCst)
+            && !self.not_answering()
             && !self
                 .inner
                 .disk
@@ -348,23 +371,35 @@ impl ChunkStore {
             });
         }
         let inner = self.inner.clone();
-        let permit = self.acquire_io().await?;
-        blocking(move || {
-            let _permit = permit;
-            out_of_fds_waited(|| inner.put_sync(&data))
-        })
-        .await
+        let id = self
+            .bounded(
+                move |inner| out_of_fds_waited(|| inner.put_sync(&data)),
+                inner,
+            )
+            .await?;
+        // Outside the bounded operation: a large eviction may take longer
+        // than the disk timeout without anything being wrong. The put's
+        // caller waits for it (so the cache is within its limit when the
+        // put returns) unless the disk stops answering meanwhile.
+        if self.inner.over_limit() {
+            let inner = self.inner.clone();
+            let evict = blocking(move || {
+                inner.evict_if_needed();
+                Ok(())
+            });
+            let _ = tokio::time::timeout(self.inner.watch.timeout(), evict).await;
+        }
+        Ok(id)
     }
 
     /// Reads and verifies the chunk `id`. A corrupt file is removed; a
     /// missing or corrupt chunk is forgotten so the caller can re-fetch it.
     pub async fn get(&self, id: ChunkId) -> Result<Bytes> {
         let inner = self.inner.clone();
-        let permit = self.acquire_io().await?;
-        blocking(move || {
-            let _permit = permit;
-            out_of_fds_waited(|| inner.get_sync(&id))
-        })
+        self.bounded(
+            move |inner| out_of_fds_waited(|| inner.get_sync(&id)),
+            inner,
+        )
         .await
     }
 
@@ -402,6 +437,65 @@ impl ChunkStore {
         .await;
     }
 
+    /// Measures the index's disk use and evicts if the chunks and the
+    /// index together pass the limit (what upkeep does every
+    /// [`UPKEEP_EVERY`]).
+    pub async fn upkeep_now(&self) {
+        let inner = self.inner.clone();
+        let _ = blocking(move || {
+            let bytes = inner.index_path.as_deref().map_or(0, reconcile::dir_blocks);
+            inner.index_bytes.store(bytes, Ordering::Relaxed);
+            inner.evict_if_needed();
+            Ok(())
+        })
+        .await;
+    }
+
+    /// Drops the manifests none of whose chunks are stored any more (their
+    /// files were evicted); upkeep does this every few minutes after
+    /// evictions. Returns how many were dropped.
+    pub async fn sweep_manifests(&self) -> u64 {
+        let inner = self.inner.clone();
+        blocking(move || Ok(inner.sweep_manifests()))
+            .await
+            .unwrap_or(0)
+    }
+
+    /// Test hook: while `hang` is true every cache-disk operation blocks,
+    /// as on a disk that stopped answering (a dead NFS server); the
+    /// operations go on when it is set back to false.
+    #[doc(hidden)]
+    pub fn inject_disk_hang(&self, hang: bool) {
+        self.inner.watch.set_hang(hang);
+    }
+
+    /// Runs `op` on the blocking pool with an fd slot, bounded by the disk
+    /// timeout; refused at once while the disk is not answering.
+    async fn bounded<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Inner) -> Result<T> + Send + 'static,
+        inner: Arc<Inner>,
+    ) -> Result<T> {
+        if let Some(reason) = self.inner.not_answering() {
+            return Err(CasError::CacheUnavailable { reason });
+        }
+        let limit = self.inner.watch.timeout();
+        let work = async move {
+            let permit = self.acquire_io().await?;
+            blocking(move || {
+                let _permit = permit;
+                op(&inner)
+            })
+            .await
+        };
+        match tokio::time::timeout(limit, work).await {
+            Ok(r) => r,
+            Err(_) => Err(CasError::CacheUnavailable {
+                reason: format!("the cache disk did not answer within {limit:?}"),
+            }),
+        }
+    }
+
     async fn acquire_io(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
         self.inner
             .io
@@ -437,15 +531,26 @@ impl Inner {
         self.chunks_dir.join(&hex[0..2]).join(&hex[2..4]).join(hex)
     }
 
+    /// `Some(reason)` while a disk operation has run past the timeout.
+    fn not_answering(&self) -> Option<String> {
+        self.watch.stuck_for().map(|ran| {
+            format!(
+                "the cache disk is not answering (an operation has waited {} s)",
+                ran.as_secs()
+            )
+        })
+    }
+
     fn put_sync(&self, data: &[u8]) -> Result<ChunkId> {
         let id = ChunkId::of(data);
-        let known = self.table.lock().entries.contains_key(&id);
+        let known = self.table.lock().contains(&id);
         // A listed chunk whose file is gone must be written again, not
         // counted as a dedup hit (one stat per hit is cheap next to a write).
-        if known && self.chunk_path(&id).exists() {
-            if let Some(e) = self.table.lock().entries.get_mut(&id) {
-                e.atime_ns = now_ns();
-            }
+        if known && {
+            let _op = self.watch.start();
+            self.chunk_path(&id).exists()
+        } {
+            self.table.lock().touch(&id);
             self.counters.dedup_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(id);
         }
@@ -457,7 +562,7 @@ impl Inner {
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
                 // Make room first: a full disk is the cache's own doing more
                 // often than not.
-                let need = (data.len() as u64).max(self.table.lock().total / 10);
+                let need = (data.len() as u64).max(self.table.lock().total() / 10);
                 let freed = self.evict_bytes(need);
                 warn!(freed, "cache disk full; evicted chunks to make room");
                 if let Err(e) = self.write_chunk(&id, data) {
@@ -479,7 +584,6 @@ impl Inner {
             debug!(error = %e, "could not record chunk in the index");
         }
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
-        self.evict_if_needed();
         Ok(id)
     }
 
@@ -489,6 +593,7 @@ impl Inner {
             .tmp_dir
             .join(format!("{}.{}.{seq}.tmp", id.to_hex(), std::process::id()));
         let write = |tmp: &Path| -> std::io::Result<()> {
+            let _op = self.watch.start();
             let mut f = fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -508,26 +613,30 @@ impl Inner {
             }
         }
         let path = self.chunk_path(id);
+        let _op = self.watch.start();
         if let Some(parent) = path.parent() {
             if let Err(e) = fs::create_dir_all(parent) {
                 let _ = fs::remove_file(&tmp);
                 return Err(e);
             }
         }
-        let mut t = self.table.lock();
+        self.claim_for_put(id);
         if let Err(e) = fs::rename(&tmp, &path) {
-            drop(t);
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
-        t.insert(*id, data.len() as u64);
+        self.table.lock().insert(*id, data.len() as u64, now_ns());
         Ok(())
     }
 
     fn get_sync(&self, id: &ChunkId) -> Result<Bytes> {
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
         let path = self.chunk_path(id);
-        let data = match fs::read(&path) {
+        let read = {
+            let _op = self.watch.start();
+            fs::read(&path)
+        };
+        let data = match read {
             Ok(d) => d,
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 self.counters.missing.fetch_add(1, Ordering::Relaxed);
@@ -551,86 +660,48 @@ impl Inner {
             self.forget(id, true);
             return Err(CasError::ChunkCorrupt { id: *id, actual });
         }
-        let mut t = self.table.lock();
-        if let Some(e) = t.entries.get_mut(id) {
-            e.atime_ns = now_ns();
-            t.dirty.insert(*id);
-        }
+        self.table.lock().touch(id);
         Ok(Bytes::from(data))
     }
 
-    /// Drops a chunk from the table and index, and its file when asked.
     /// Drops a chunk from the table and index, removing its file when
-    /// `unlink` (else only if the file is really gone: a concurrent put may
-    /// have just re-created it). An entry whose file cannot be removed stays
-    /// counted, so the size keeps matching the disk.
+    /// `unlink`; without `unlink` only if the file is really gone (a
+    /// concurrent put may have just re-created it). A file that cannot be
+    /// removed stays counted, so the size keeps matching the disk.
     fn forget(&self, id: &ChunkId, unlink: bool) {
-        let path = self.chunk_path(id);
-        let mut t = self.table.lock();
-        let gone = if unlink {
-            match fs::remove_file(&path) {
-                Ok(()) => true,
-                Err(e) => e.kind() == ErrorKind::NotFound,
+        if unlink {
+            let entry = {
+                let mut t = self.table.lock();
+                let e = t.remove(id);
+                t.evicting.insert(*id);
+                e
+            };
+            if let Some(Err(e)) = self.unlink_victim(id) {
+                debug!(chunk = %id, error = %e, "cannot remove chunk file");
+                if let Some(e) = entry {
+                    self.table.lock().restore(*id, e);
+                }
+                return;
             }
         } else {
-            !path.exists()
-        };
-        if !gone {
-            return;
-        }
-        t.remove(id);
-        drop(t);
-        let _ = self.index.remove_chunk(id);
-    }
-
-    fn evict_if_needed(&self) {
-        let total = self.table.lock().total;
-        if total > self.max_size {
-            let freed = self.evict_bytes(total - self.low_water);
-            debug!(freed, "evicted down to the low watermark");
-        }
-    }
-
-    /// Removes least-recently-used unpinned chunks until `need` bytes are
-    /// freed or nothing evictable is left. Returns the bytes freed.
-    fn evict_bytes(&self, need: u64) -> u64 {
-        let mut t = self.table.lock();
-        let mut candidates: Vec<(u64, ChunkId, u64)> = t
-            .entries
-            .iter()
-            .filter(|(id, _)| !t.pins.contains_key(id))
-            .map(|(id, e)| (e.atime_ns, *id, e.size))
-            .collect();
-        candidates.sort_unstable();
-        let mut freed = 0;
-        let mut victims = Vec::new();
-        for (_, id, size) in candidates {
-            if freed >= need {
-                break;
-            }
-            match fs::remove_file(self.chunk_path(&id)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => {
-                    warn!(chunk = %id, error = %e, "cannot evict chunk");
-                    continue;
+            let entry = self.table.lock().remove(id);
+            let exists = {
+                let _op = self.watch.start();
+                self.chunk_path(id).exists()
+            };
+            if exists {
+                let mut t = self.table.lock();
+                match entry {
+                    Some(e) => t.restore(*id, e),
+                    // Not merged yet: let the reconcile add it.
+                    None => {
+                        t.removed_while_loading.remove(id);
+                    }
                 }
+                return;
             }
-            t.remove(&id);
-            freed += size;
-            victims.push(id);
         }
-        drop(t);
-        for id in &victims {
-            let _ = self.index.remove_chunk(id);
-        }
-        self.counters
-            .evicted_chunks
-            .fetch_add(victims.len() as u64, Ordering::Relaxed);
-        self.counters
-            .evicted_bytes
-            .fetch_add(freed, Ordering::Relaxed);
-        freed
+        let _ = self.index.remove_chunk(id);
     }
 
     fn disk_failed(&self, err: &std::io::Error) -> CasError {
@@ -681,6 +752,7 @@ impl Inner {
         let probe = self
             .tmp_dir
             .join(format!("probe.{}.tmp", std::process::id()));
+        let _op = self.watch.start();
         let ok = fs::create_dir_all(&self.tmp_dir)
             .and_then(|_| fs::create_dir_all(&self.chunks_dir))
             .and_then(|_| fs::write(&probe, b"musicfs probe"))
@@ -701,21 +773,15 @@ impl Inner {
     }
 
     fn flush_sync(&self) -> Result<()> {
-        let dirty: Vec<(ChunkId, Entry)> = {
+        let dirty: Vec<(ChunkId, u64, u64)> = {
             let mut t = self.table.lock();
             let ids: Vec<ChunkId> = t.dirty.drain().collect();
             ids.into_iter()
-                .filter_map(|id| t.entries.get(&id).map(|e| (id, *e)))
+                .filter_map(|id| t.get(&id).map(|e| (id, e.size, e.atime_ns)))
                 .collect()
         };
-        for (id, e) in dirty {
-            self.index.put_chunk(
-                &id,
-                ChunkRecord {
-                    size: e.size,
-                    atime_ns: e.atime_ns,
-                },
-            )?;
+        for (id, size, atime_ns) in dirty {
+            self.index.put_chunk(&id, ChunkRecord { size, atime_ns })?;
         }
         self.index.flush()
     }
@@ -746,32 +812,41 @@ impl ChunkStore {
         len: usize,
     ) -> Result<Vec<u8>> {
         let inner = self.inner.clone();
-        let permit = self.acquire_io().await?;
-        blocking(move || {
-            let _permit = permit;
-            inner.read_range_sync(&id, offset, len)
-        })
-        .await
+        self.bounded(move |inner| inner.read_range_sync(&id, offset, len), inner)
+            .await
     }
 
     /// [`ChunkStore::read_unverified`] on the calling thread, for callers
     /// that are not async (the filesystem's fast path for cached reads).
-    /// Never waits for the fd budget: with no file to spare it fails, and
-    /// the caller takes the async path, which queues.
+    /// Never waits: with no fd or blocking-reader slot to spare, or while
+    /// the disk is not answering, it fails, and the caller takes the async
+    /// path, which queues and is bounded by the disk timeout. At most
+    /// [`BLOCKING_READERS`] callers are in here at once, so a disk that
+    /// hangs pins at most that many of the caller's threads.
     pub(crate) fn read_unverified_now(
         &self,
         id: ChunkId,
         offset: u64,
         len: usize,
     ) -> Result<Vec<u8>> {
-        let _permit =
-            self.inner
-                .io
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| CasError::TooManyOpenFiles {
-                    path: self.inner.chunks_dir.clone(),
-                })?;
+        if let Some(reason) = self.inner.not_answering() {
+            return Err(CasError::CacheUnavailable { reason });
+        }
+        let busy = || CasError::TooManyOpenFiles {
+            path: self.inner.chunks_dir.clone(),
+        };
+        let _reader = self
+            .inner
+            .blocking_readers
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| busy())?;
+        let _permit = self
+            .inner
+            .io
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| busy())?;
         self.inner.read_range_sync(&id, offset, len)
     }
 }
@@ -781,85 +856,18 @@ impl Inner {
         use std::io::{Read, Seek, SeekFrom};
         let path = self.chunk_path(id);
         let mut buf = Vec::with_capacity(len);
-        fs::File::open(&path)
-            .and_then(|mut f| {
-                f.seek(SeekFrom::Start(offset))?;
-                f.take(len as u64).read_to_end(&mut buf)
-            })
-            .map_err(|e| CasError::io(&path, e))?;
+        {
+            let _op = self.watch.start();
+            fs::File::open(&path)
+                .and_then(|mut f| {
+                    f.seek(SeekFrom::Start(offset))?;
+                    f.take(len as u64).read_to_end(&mut buf)
+                })
+                .map_err(|e| CasError::io(&path, e))?;
+        }
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
-        let mut t = self.table.lock();
-        if let Some(e) = t.entries.get_mut(id) {
-            e.atime_ns = now_ns();
-            t.dirty.insert(*id);
-        }
+        self.table.lock().touch(id);
         Ok(buf)
-    }
-}
-
-/// Removes every file in `dir` (temp files left by a crash); returns how many.
-fn clean_dir(dir: &Path) -> u64 {
-    let Ok(rd) = fs::read_dir(dir) else { return 0 };
-    let mut n = 0;
-    for entry in rd.flatten() {
-        let p = entry.path();
-        let removed = if p.is_dir() {
-            fs::remove_dir_all(&p)
-        } else {
-            fs::remove_file(&p)
-        };
-        if removed.is_ok() {
-            n += 1;
-        }
-    }
-    n
-}
-
-/// Recursively collects `(id, size, mtime_ns)` of chunk files under the
-/// shard tree. Anything else found there (temp files, wrong names, files in
-/// the wrong shard) is removed: only the store writes here.
-fn scan_shards(dir: &Path, depth: usize, out: &mut Vec<(ChunkId, u64, u64)>, strays: &mut u64) {
-    let Ok(rd) = fs::read_dir(dir) else { return };
-    for entry in rd.flatten() {
-        let path = entry.path();
-        let Ok(meta) = entry.metadata() else { continue };
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if meta.is_dir() {
-            if depth < 2 && name.len() == 2 {
-                scan_shards(&path, depth + 1, out, strays);
-            } else {
-                warn!(path = %path.display(), "removing a stray directory from the chunk tree");
-                let _ = fs::remove_dir_all(&path);
-                *strays += 1;
-            }
-            continue;
-        }
-        let in_right_shard = depth == 2
-            && dir
-                .file_name()
-                .map(|s| s.to_string_lossy().into_owned())
-                .as_deref()
-                == name.get(2..4)
-            && dir
-                .parent()
-                .and_then(|p| p.file_name())
-                .map(|s| s.to_string_lossy().into_owned())
-                .as_deref()
-                == name.get(0..2);
-        match ChunkId::from_hex(&name) {
-            Some(id) if in_right_shard && meta.is_file() => {
-                use std::os::unix::fs::MetadataExt;
-                let mtime_ns =
-                    (meta.mtime().max(0) as u64) * 1_000_000_000 + meta.mtime_nsec().max(0) as u64;
-                out.push((id, meta.len(), mtime_ns));
-            }
-            _ => {
-                warn!(path = %path.display(), "removing a stray file from the chunk tree");
-                let _ = fs::remove_file(&path);
-                *strays += 1;
-            }
-        }
     }
 }
 
@@ -899,16 +907,18 @@ pub fn disk_usage(dir: &Path) -> u64 {
 mod tests {
     use super::*;
 
-    fn open(dir: &Path, max: u64) -> ChunkStore {
-        ChunkStore::open(StoreConfig::new(dir, max), Index::temporary().unwrap())
+    async fn open(dir: &Path, max: u64) -> ChunkStore {
+        let s = ChunkStore::open(StoreConfig::new(dir, max), Index::temporary().unwrap())
             .unwrap()
-            .0
+            .0;
+        s.reconciled().await;
+        s
     }
 
     #[tokio::test]
     async fn put_get_round_trip_and_dedup() {
         let dir = tempfile::tempdir().unwrap();
-        let s = open(dir.path(), 1 << 20);
+        let s = open(dir.path(), 1 << 20).await;
         let id = s.put(Bytes::from_static(b"chunk one")).await.unwrap();
         assert_eq!(id, ChunkId::of(b"chunk one"));
         assert!(s.chunk_path(&id).exists());
@@ -922,7 +932,7 @@ mod tests {
     #[tokio::test]
     async fn oversized_chunks_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let s = open(dir.path(), 100 << 20);
+        let s = open(dir.path(), 100 << 20).await;
         let err = s
             .put(Bytes::from(vec![0u8; (4 << 20) + 1]))
             .await
@@ -936,13 +946,13 @@ mod tests {
     async fn eviction_is_lru_and_skips_pinned_chunks() {
         let dir = tempfile::tempdir().unwrap();
         // 10 KiB limit, 9 KiB low watermark, 1 KiB chunks.
-        let s = open(dir.path(), 10 * 1024);
+        let s = open(dir.path(), 10 * 1024).await;
         let mut ids = Vec::new();
         for i in 0..10u8 {
             ids.push(s.put(Bytes::from(vec![i; 1024])).await.unwrap());
         }
         assert_eq!(s.current_size(), 10 * 1024);
-        // Touch chunk 0 so chunk 1 is the oldest; pin chunk 2.
+        // Touch chunk 0 so chunk 1 is the oldest; pin chunk 1.
         s.get(ids[0]).await.unwrap();
         let pin = s.pin(&[ids[1]]);
         s.put(Bytes::from(vec![100u8; 1024])).await.unwrap();
@@ -953,12 +963,35 @@ mod tests {
         assert!(!s.chunk_path(&ids[2]).exists());
         drop(pin);
         assert_eq!(s.current_size(), disk_usage(&dir.path().join("chunks")));
+        // 11 KiB down to 9 KiB (90 % of 10 KiB): three 1 KiB chunks.
+        assert_eq!(s.counters().evicted_chunks.load(Ordering::Relaxed), 3);
+    }
+
+    /// A chunk chosen for eviction and put again before its unlink keeps
+    /// its new file, counted once.
+    #[tokio::test]
+    async fn a_put_claims_back_a_chunk_chosen_for_eviction() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), 1 << 20).await;
+        let data = Bytes::from(vec![7u8; 4096]);
+        let id = s.put(data.clone()).await.unwrap();
+        let victims = s.inner.table.lock().take_victims(1, 10);
+        assert_eq!(victims.len(), 1);
+        assert!(!s.contains(&id));
+        // Not known to the table any more: this put writes the file again.
+        s.put(data.clone()).await.unwrap();
+        assert!(
+            s.inner.unlink_victim(&id).is_none(),
+            "unlinked a claimed chunk"
+        );
+        assert_eq!(s.get(id).await.unwrap(), data);
+        assert_eq!(s.current_size(), 4096);
     }
 
     #[tokio::test]
     async fn corrupt_and_missing_chunks_are_reported_and_forgotten() {
         let dir = tempfile::tempdir().unwrap();
-        let s = open(dir.path(), 1 << 20);
+        let s = open(dir.path(), 1 << 20).await;
         let a = s.put(Bytes::from_static(b"aaaa")).await.unwrap();
         let b = s.put(Bytes::from_static(b"bbbb")).await.unwrap();
         fs::write(s.chunk_path(&a), b"aaab").unwrap();
@@ -975,7 +1008,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let id;
         {
-            let s = open(dir.path(), 1 << 20);
+            let s = open(dir.path(), 1 << 20).await;
             id = s.put(Bytes::from_static(b"kept")).await.unwrap();
         }
         fs::write(dir.path().join("tmp").join("half-written.tmp"), b"par").unwrap();
@@ -987,10 +1020,149 @@ mod tests {
         )
         .unwrap();
         assert_eq!(report.temp_files_removed, 1);
+        let report = s.reconciled().await;
         assert_eq!(report.stray_files_removed, 1);
         assert_eq!(report.index_entries_added, 1);
         assert!(s.contains(&id));
         assert_eq!(s.index().chunk_count(), 1);
         assert_eq!(s.current_size(), 4);
+    }
+
+    /// Reads and puts made before the background reconcile ends are right,
+    /// and the merge neither loses nor double-counts them.
+    #[tokio::test]
+    async fn reads_and_puts_during_the_reconcile_are_right_and_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ids = Vec::new();
+        {
+            let s = open(dir.path(), 1 << 20).await;
+            for i in 0..50u8 {
+                ids.push(s.put(Bytes::from(vec![i; 100])).await.unwrap());
+            }
+        }
+        let (s, _) = ChunkStore::open(
+            StoreConfig::new(dir.path(), 1 << 20),
+            Index::temporary().unwrap(),
+        )
+        .unwrap();
+        // Whether or not the scan has got to them yet:
+        assert_eq!(s.get(ids[3]).await.unwrap(), Bytes::from(vec![3u8; 100]));
+        s.put(Bytes::from(vec![200u8; 100])).await.unwrap();
+        s.put(Bytes::from(vec![4u8; 100])).await.unwrap();
+        fs::remove_file(s.chunk_path(&ids[5])).unwrap();
+        assert!(s.get(ids[5]).await.is_err());
+        let report = s.reconciled().await;
+        assert!(!s.reconciling());
+        assert_eq!(s.chunk_count(), 50, "{report:?}");
+        assert_eq!(s.current_size(), 50 * 100);
+        assert_eq!(s.current_size(), disk_usage(&dir.path().join("chunks")));
+        assert!(!s.contains(&ids[5]));
+    }
+
+    /// A disk that stops answering: the first operation to meet the hang
+    /// waits at most the disk timeout; then the store is degraded and
+    /// refuses disk work at once, and recovers when the stuck call returns.
+    /// (The hang is injected: every disk operation first waits.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hung_disk_is_noticed_bypassed_and_recovered_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = StoreConfig::new(dir.path(), 1 << 20);
+        config.disk_timeout = Duration::from_millis(200);
+        let (s, _) = ChunkStore::open(config, Index::temporary().unwrap()).unwrap();
+        s.reconciled().await;
+        let id = s.put(Bytes::from_static(b"cached")).await.unwrap();
+        s.inject_disk_hang(true);
+        // Released however the test ends, so a failed assertion fails the
+        // test instead of hanging the runtime's shutdown.
+        struct Unhang(ChunkStore);
+        impl Drop for Unhang {
+            fn drop(&mut self) {
+                self.0.inject_disk_hang(false);
+            }
+        }
+        let _unhang = Unhang(s.clone());
+        let err = s.get(id).await.unwrap_err();
+        assert!(matches!(err, CasError::CacheUnavailable { .. }), "{err}");
+        // The timed-out read is still stuck on the disk: that is the sign.
+        assert!(s.not_answering());
+        let why = s.degraded().unwrap();
+        assert!(why.contains("not answering"), "{why}");
+        // Now refused at once, on both paths, without touching the disk.
+        assert!(matches!(
+            s.read_unverified_now(id, 0, 6),
+            Err(CasError::CacheUnavailable { .. })
+        ));
+        assert!(matches!(
+            s.put(Bytes::from_static(b"new")).await,
+            Err(CasError::CacheUnavailable { .. })
+        ));
+        // The disk answers again: the stuck read returns, the store is
+        // healthy without anyone probing it.
+        s.inject_disk_hang(false);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while s.not_answering() {
+            assert!(Instant::now() < deadline, "never recovered");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(s.degraded(), None);
+        assert_eq!(s.get(id).await.unwrap(), Bytes::from_static(b"cached"));
+    }
+
+    #[tokio::test]
+    async fn manifests_without_any_stored_chunk_are_swept() {
+        use crate::manifest::{ChunkRef, FileVersion, Manifest};
+        use musicfs_origins::{OriginId, OriginPath};
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), 1 << 20).await;
+        let kept = s.put(Bytes::from_static(b"kept")).await.unwrap();
+        let o = OriginId::new("lib").unwrap();
+        let manifest = |ids: &[ChunkId]| {
+            let mut m = Manifest::new(FileVersion {
+                size: 4 * ids.len() as u64,
+                mtime_ns: Some(1),
+                etag: None,
+            });
+            for id in ids {
+                m.push(ChunkRef { id: *id, len: 4 }).unwrap();
+            }
+            m
+        };
+        let gone = ChunkId::of(b"gone");
+        let (a, b) = (OriginPath::new("a").unwrap(), OriginPath::new("b").unwrap());
+        s.index()
+            .put_manifest(&o, &a, &manifest(&[gone, kept]))
+            .unwrap();
+        s.index().put_manifest(&o, &b, &manifest(&[gone])).unwrap();
+        assert_eq!(s.index().manifest_count(), 2);
+        assert_eq!(s.sweep_manifests().await, 1);
+        assert!(s.index().manifest(&o, &a).unwrap().is_some());
+        assert!(s.index().manifest(&o, &b).unwrap().is_none());
+        assert_eq!(s.index().manifest_count(), 1);
+    }
+
+    /// The index's disk use counts against the cache size.
+    #[tokio::test]
+    async fn eviction_keeps_chunks_and_index_within_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (index, _) = Index::open(&dir.path().join("index.sled")).unwrap();
+        index.flush().unwrap();
+        let index_bytes = reconcile::dir_blocks(&dir.path().join("index.sled"));
+        assert!(index_bytes > 0);
+        // Room for the index (with slack for its growth) and 64 KiB.
+        let limit = index_bytes + (1 << 20) + 64 * 1024;
+        let (s, _) = ChunkStore::open(StoreConfig::new(dir.path(), limit), index).unwrap();
+        s.reconciled().await;
+        for i in 0..60u8 {
+            s.put(Bytes::from(vec![i; 1024])).await.unwrap();
+        }
+        s.index().flush().unwrap();
+        s.upkeep_now().await;
+        assert!(s.index_size() > 0);
+        assert!(
+            s.current_size() + s.index_size() <= limit,
+            "{} + {} > {limit}",
+            s.current_size(),
+            s.index_size()
+        );
     }
 }

@@ -17,6 +17,11 @@
 //! A manifest chunk with neither a file nor a record was evicted: that is
 //! the cache working as sized, not damage, so it is only counted
 //! ([`VerifyReport::chunks_not_cached`]); the next read fetches it.
+//!
+//! This check runs on an opened [`Cache`], and opening heals crash
+//! leftovers first; the CLI turns what the open healed into repaired
+//! findings. Without repair, the CLI uses [`crate::inspect`] instead, which
+//! changes nothing on disk.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -27,6 +32,7 @@ use tracing::info;
 
 use crate::cache::Cache;
 use crate::index::now_ns;
+use crate::inspect::Progress;
 use crate::manifest::Manifest;
 use crate::{ChunkId, Result};
 
@@ -37,6 +43,28 @@ pub enum FindingKind {
     FileWithoutRecord,
     DamagedManifest,
     MissingChunk,
+    /// A temp file a crash left in `tmp/`.
+    OrphanedTempFile,
+    /// A file or directory in the shard tree that is not a chunk file in
+    /// its right shard.
+    StrayFile,
+    /// The index cannot be opened or holds undecodable records.
+    DamagedIndex,
+}
+
+impl FindingKind {
+    /// Leftovers of a crash that the next mount heals by itself (its open
+    /// and background reconcile): normal after a kill or power loss, not
+    /// damage.
+    pub fn heals_at_mount(&self) -> bool {
+        matches!(
+            self,
+            FindingKind::OrphanedTempFile
+                | FindingKind::StrayFile
+                | FindingKind::FileWithoutRecord
+                | FindingKind::RecordWithoutFile
+        )
+    }
 }
 
 impl fmt::Display for FindingKind {
@@ -47,6 +75,9 @@ impl fmt::Display for FindingKind {
             FindingKind::FileWithoutRecord => "unindexed chunk",
             FindingKind::DamagedManifest => "damaged manifest",
             FindingKind::MissingChunk => "missing chunk",
+            FindingKind::OrphanedTempFile => "orphaned temp file",
+            FindingKind::StrayFile => "stray file",
+            FindingKind::DamagedIndex => "damaged index",
         })
     }
 }
@@ -70,6 +101,8 @@ pub struct VerifyReport {
     /// Chunks that manifests name but eviction removed (not damage).
     pub chunks_not_cached: u64,
     pub findings: Vec<Finding>,
+    /// Checks that were not made, each with the reason.
+    pub skipped: Vec<String>,
 }
 
 impl VerifyReport {
@@ -81,12 +114,30 @@ impl VerifyReport {
     pub fn unrepaired(&self) -> impl Iterator<Item = &Finding> {
         self.findings.iter().filter(|f| !f.repaired)
     }
+
+    /// True when something unrepaired is more than a crash leftover the
+    /// next mount heals by itself (`musicfs verify` exits 1 then).
+    pub fn damage_remains(&self) -> bool {
+        self.unrepaired().any(|f| !f.kind.heals_at_mount())
+    }
 }
 
 pub(crate) async fn run(cache: &Cache, repair: bool) -> Result<VerifyReport> {
+    check(cache, repair, &|_| {}).await
+}
+
+/// [`Cache::verify`] reporting its progress.
+pub async fn check(
+    cache: &Cache,
+    repair: bool,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<VerifyReport> {
     let store = cache.store().clone();
     let index = cache.index().clone();
     let mut report = VerifyReport::default();
+    // Records against files is only meaningful once the open's own
+    // reconcile has finished.
+    store.reconciled().await;
 
     // 1. Every chunk file on disk, hashed.
     let chunks_dir = store.chunks_dir().to_owned();
@@ -95,7 +146,12 @@ pub(crate) async fn run(cache: &Cache, repair: bool) -> Result<VerifyReport> {
         .unwrap_or_default();
     let mut present: HashSet<ChunkId> = HashSet::new();
     let mut corrupt: HashSet<ChunkId> = HashSet::new();
-    for (id, path) in &on_disk {
+    progress(Progress::Listed {
+        files: on_disk.len() as u64,
+        bytes: on_disk.values().map(|(_, size)| size).sum(),
+    });
+    for (id, (path, size)) in &on_disk {
+        progress(Progress::Hashed { bytes: *size });
         let p = path.clone();
         let bytes = tokio::task::spawn_blocking(move || std::fs::read(p)).await;
         let data = match bytes {
@@ -327,9 +383,9 @@ async fn check_manifest(
     Ok(())
 }
 
-/// Chunk files in the shard tree by id (names that are not chunk ids are
-/// the store's business at open, not verify's).
-fn list_chunk_files(dir: &Path) -> HashMap<ChunkId, std::path::PathBuf> {
+/// Chunk files in the shard tree by id, with their sizes (names that are
+/// not chunk ids are the store's business at open, not verify's).
+fn list_chunk_files(dir: &Path) -> HashMap<ChunkId, (std::path::PathBuf, u64)> {
     let mut out = HashMap::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
@@ -342,7 +398,8 @@ fn list_chunk_files(dir: &Path) -> HashMap<ChunkId, std::path::PathBuf> {
                 Ok(t) if t.is_dir() => stack.push(p),
                 Ok(t) if t.is_file() => {
                     if let Some(id) = e.file_name().to_str().and_then(ChunkId::from_hex) {
-                        out.insert(id, p);
+                        let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+                        out.insert(id, (p, size));
                     }
                 }
                 _ => {}
@@ -370,6 +427,9 @@ impl fmt::Display for VerifyReport {
                 "  {}: {} — {}; {state}: {}",
                 x.kind, x.subject, x.detail, x.fix
             )?;
+        }
+        for s in &self.skipped {
+            writeln!(f, "  skipped: {s}")?;
         }
         Ok(())
     }

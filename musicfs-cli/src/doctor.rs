@@ -202,7 +202,11 @@ pub fn run(cache_dir: PathBuf, mountpoint: Option<PathBuf>) -> Result<ExitCode> 
                 "index: was damaged ({}) and has been rebuilt; run `musicfs verify --repair`",
                 rep.reason.unwrap_or_default()
             )),
-            Ok((idx, _)) => r.ok(format!("index: opens cleanly ({} chunk records, {} manifests); `musicfs verify` checks every chunk", idx.chunk_count(), idx.manifest_count())),
+            Ok((idx, _)) => {
+                // The manifest count is a counter; a fresh open counts once.
+                idx.recount_manifests();
+                r.ok(format!("index: opens cleanly ({} chunk records, {} manifests); `musicfs verify` checks every chunk", idx.chunk_count(), idx.manifest_count()))
+            }
             Err(e) => r.act(format!("index: {e}")),
         }
     }

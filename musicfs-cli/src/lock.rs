@@ -107,6 +107,38 @@ impl CacheLock {
     }
 }
 
+/// A shared hold on `musicfs.lock` that writes nothing: while it is held a
+/// mount cannot take the lock (and start changing the cache), and other
+/// readers (another verify) can. For `verify` without `--repair`.
+#[derive(Debug)]
+pub struct SharedLock {
+    _file: File,
+}
+
+impl SharedLock {
+    /// `Ok(None)` when there is no lock file (no mount ever ran here; none
+    /// is created). A mount that holds the lock is [`LockError::Held`].
+    pub fn acquire(cache_dir: &Path) -> Result<Option<Self>, LockError> {
+        let path = cache_dir.join(CacheLock::FILE_NAME);
+        let mut file = match OpenOptions::new().read(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(LockError::Io { path, source }),
+        };
+        // SAFETY: as in `CacheLock::acquire`; the lock goes with `file`.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+        if rc != 0 {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            return Err(LockError::Held {
+                path,
+                pid: text.trim().parse().ok(),
+            });
+        }
+        Ok(Some(Self { _file: file }))
+    }
+}
+
 pub fn pid_alive(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()
 }

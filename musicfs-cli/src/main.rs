@@ -50,8 +50,12 @@ enum Command {
     },
     /// Hash every cached chunk and check the index; --repair fixes what it finds.
     ///
-    /// Runs on the cache of a stopped mount (it takes the cache lock).
-    /// Exit 0 when clean (or clean after repair), 1 when damage remains.
+    /// Without --repair nothing in the cache directory is changed: what a
+    /// mount or --repair would heal is reported. On the cache of a running
+    /// mount it checks the chunk files and skips the index (the mount has
+    /// it open); --repair needs the mount stopped. Exit 0 when clean (or
+    /// clean after repair), 1 when damage remains, 2 when --cache-dir is not
+    /// a MusicFS cache.
     Verify {
         #[arg(long, value_name = "DIR")]
         cache_dir: Option<PathBuf>,

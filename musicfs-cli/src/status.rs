@@ -45,20 +45,46 @@ pub struct OriginStatus {
     pub state_since_secs: Option<u64>,
 }
 
+/// The JSON answer. Fields added after the first release carry
+/// `#[serde(default)]`, so a newer `status` still reads an older daemon.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusReport {
     pub running: bool,
     pub pid: Option<u32>,
     pub mountpoint: Option<PathBuf>,
     pub cache_dir: PathBuf,
+    /// Bytes of chunk files.
     pub cache_size: u64,
     pub cache_limit: Option<u64>,
     pub chunks: u64,
+    /// `hit_bytes / (hit_bytes + origin_bytes)`.
     pub hit_ratio: Option<f64>,
+    /// Bytes served from cached chunks without an origin read.
     pub hit_bytes: u64,
+    /// Bytes served that the origin sent for the read.
     pub origin_bytes: u64,
     pub degraded: Option<String>,
     pub origins: Vec<OriginStatus>,
+    /// Disk use of the index, which counts against the limit too.
+    #[serde(default)]
+    pub index_bytes: u64,
+    #[serde(default)]
+    pub manifests: u64,
+    /// Bytes the ingest read from origins to cache them.
+    #[serde(default)]
+    pub ingested_bytes: u64,
+    #[serde(default)]
+    pub evicted_chunks: u64,
+    /// Chunks fetched again because their file was damaged.
+    #[serde(default)]
+    pub refetched_corrupt: u64,
+    /// Chunks fetched again because eviction had removed them.
+    #[serde(default)]
+    pub refetched_evicted: u64,
+    /// True while the chunk files are being checked against the index
+    /// after the mount started (sizes converge when it ends).
+    #[serde(default)]
+    pub reconciling: bool,
 }
 
 pub fn live_report(
@@ -68,7 +94,6 @@ pub fn live_report(
     health: &HealthMonitor,
 ) -> StatusReport {
     let stats = cache.stats();
-    let served = stats.hit_bytes + stats.origin_bytes;
     let origins = health
         .statuses()
         .into_iter()
@@ -101,9 +126,16 @@ pub fn live_report(
         cache_size: stats.size,
         cache_limit: Some(stats.max_size),
         chunks: stats.chunks,
-        hit_ratio: (served > 0).then(|| stats.hit_bytes as f64 / served as f64),
+        hit_ratio: stats.hit_ratio(),
         hit_bytes: stats.hit_bytes,
         origin_bytes: stats.origin_bytes,
+        index_bytes: stats.index_bytes,
+        manifests: stats.manifests,
+        ingested_bytes: stats.ingested_bytes,
+        evicted_chunks: stats.evicted_chunks,
+        refetched_corrupt: stats.refetched_corrupt,
+        refetched_evicted: stats.refetched_evicted,
+        reconciling: stats.reconciling,
         degraded: stats.degraded,
         origins,
     }
@@ -185,6 +217,13 @@ pub fn offline_report(cache_dir: &Path) -> StatusReport {
         hit_ratio: None,
         hit_bytes: 0,
         origin_bytes: 0,
+        index_bytes: musicfs_cas::store::disk_usage(&cache_dir.join("index.sled")),
+        manifests: 0,
+        ingested_bytes: 0,
+        evicted_chunks: 0,
+        refetched_corrupt: 0,
+        refetched_evicted: 0,
+        reconciling: false,
         degraded: None,
         origins: info
             .map(|i| {
@@ -222,25 +261,44 @@ pub fn print(r: &StatusReport) {
         }
     }
     println!("cache:   {}", r.cache_dir.display());
+    let used = r.cache_size + r.index_bytes;
+    let counting = if r.reconciling {
+        ", still counting"
+    } else {
+        ""
+    };
     match r.cache_limit {
         Some(limit) => println!(
-            "  size   {} of {} ({} chunks)",
-            human_size(r.cache_size),
+            "  size   {} of {} ({} chunks, {} index{counting})",
+            human_size(used),
             human_size(limit),
-            r.chunks
+            r.chunks,
+            human_size(r.index_bytes)
         ),
         None => println!(
-            "  size   {} ({} chunks)",
-            human_size(r.cache_size),
-            r.chunks
+            "  size   {} ({} chunks, {} index)",
+            human_size(used),
+            r.chunks,
+            human_size(r.index_bytes)
         ),
     }
     if let Some(h) = r.hit_ratio {
         println!(
-            "  hits   {:.1}% ({} from cache, {} straight from origins)",
+            "  hits   {:.1}% ({} from the cache without an origin read, {} sent by the origins)",
             h * 100.0,
             human_size(r.hit_bytes),
             human_size(r.origin_bytes)
+        );
+    }
+    if r.running {
+        println!(
+            "  cached {} ingested from origins, {} evicted chunks",
+            human_size(r.ingested_bytes),
+            r.evicted_chunks
+        );
+        println!(
+            "  refetched {} damaged chunks, {} evicted chunks read again",
+            r.refetched_corrupt, r.refetched_evicted
         );
     }
     match &r.degraded {

@@ -283,10 +283,12 @@ async fn test_cas_size_tracking_is_correct() {
         "every byte is in a chunk, no dedup here"
     );
     drop(cache);
-    // A fresh open recomputes the size by scanning the shard tree.
+    // A fresh open recomputes the size by scanning the shard tree (in the
+    // background).
     let (reopened, _) = Cache::open(CacheConfig::new(dir.path(), 1 << 30))
         .await
         .unwrap();
+    reopened.store().reconciled().await;
     assert_eq!(reopened.store().current_size(), on_disk);
 }
 
@@ -987,6 +989,7 @@ async fn crash_leftovers_and_a_corrupt_index_are_healed_at_open() {
         .unwrap();
     assert!(report.index.rebuilt, "{report:?}");
     assert_eq!(report.store.temp_files_removed, 1);
+    cache.store().reconciled().await;
     assert_eq!(
         std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
         0
@@ -1019,7 +1022,9 @@ async fn missing_index_is_rebuilt_from_chunk_files() {
     let (cache, report) = Cache::open(CacheConfig::new(dir.path(), 1 << 30))
         .await
         .unwrap();
-    assert_eq!(report.store.index_entries_added, count);
+    assert!(!report.index.rebuilt, "{report:?}");
+    let reconciled = cache.store().reconciled().await;
+    assert_eq!(reconciled.index_entries_added, count);
     assert_eq!(cache.index().chunk_count() as u64, count);
 }
 

@@ -12,6 +12,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tracing::{debug, warn};
@@ -26,6 +27,9 @@ use super::*;
 /// request (128 KiB to 1 MiB) is smaller than a chunk (1 MiB on average),
 /// and read-ahead has a few requests in flight at once.
 pub(super) const RECENT_CHUNKS: usize = 4;
+/// How long a blocking reader waits for another one reading the same chunk
+/// (a few ms on a working disk) before it declines.
+pub(super) const SLOT_WAIT: Duration = Duration::from_millis(500);
 /// A piece of a chunk at most this fraction of it is read through the
 /// chunk's hash tree when that is known, instead of whole.
 pub(super) const SMALL_PIECE_DIVISOR: usize = 4;
@@ -192,8 +196,11 @@ impl FileHandle {
             }
         };
         // Held while reading: another request for this chunk waits here for
-        // the bytes instead of reading and hashing them too.
-        let mut held = slot.lock();
+        // the bytes instead of reading and hashing them too; but not for
+        // long, so a reader stuck on a cache disk that stopped answering
+        // cannot pin the other FUSE threads behind it (they take the async
+        // path, which is bounded).
+        let mut held = slot.try_lock_for(SLOT_WAIT)?;
         if let Some(whole) = held.as_ref() {
             return (whole.len() >= to).then(|| whole.slice(from..to));
         }

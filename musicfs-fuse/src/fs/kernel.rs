@@ -113,10 +113,13 @@ impl Filesystem for MusicFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let stats = self.inner.cache.stats();
+        // O(1): two figures the store keeps current, no index walk (`df`
+        // and file managers call this often).
+        let store = self.inner.cache.store();
+        let used = store.current_size() + store.index_size();
         let bs = u64::from(BLOCK_SIZE);
-        let blocks = stats.max_size / bs;
-        let free = stats.max_size.saturating_sub(stats.size) / bs;
+        let blocks = store.max_size() / bs;
+        let free = store.max_size().saturating_sub(used) / bs;
         reply.statfs(
             blocks,
             free,
