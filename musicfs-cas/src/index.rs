@@ -511,16 +511,26 @@ impl Index {
     pub fn forget_origin(&self, origin: &OriginId) -> Result<(u64, u64)> {
         let mut prefix = origin.as_str().as_bytes().to_vec();
         prefix.push(0);
-        let drop_all = |tree: &sled::Tree| -> Result<u64> {
-            let mut n = 0;
-            for item in tree.scan_prefix(&prefix) {
-                let (k, _) = item.map_err(sled_err)?;
-                tree.remove(k).map_err(sled_err)?;
-                n += 1;
-            }
-            Ok(n)
+        let keys = |tree: &sled::Tree| -> Result<Vec<sled::IVec>> {
+            tree.scan_prefix(&prefix)
+                .keys()
+                .collect::<std::result::Result<_, _>>()
+                .map_err(sled_err)
         };
-        Ok((drop_all(&self.listings)?, drop_all(&self.manifests)?))
+        let mut listings = 0;
+        for k in keys(&self.listings)? {
+            if self.listings.remove(&k).map_err(sled_err)?.is_some() {
+                listings += 1;
+            }
+        }
+        // Through the counted removal, so the manifest count stays right.
+        let mut manifests = 0;
+        for k in keys(&self.manifests)? {
+            if self.remove_manifest_raw_counted(&k)? {
+                manifests += 1;
+            }
+        }
+        Ok((listings, manifests))
     }
 
     pub fn flush(&self) -> Result<()> {

@@ -82,7 +82,8 @@ impl DirListing {
 #[derive(Debug, Default)]
 pub(super) struct Memo {
     pub(super) map: HashMap<NodeKey, Arc<DirListing>>,
-    /// Insertion order; holds each key of `map` exactly once.
+    /// Insertion order; holds each key of `map` at least once (a removed
+    /// key stays until its turn; popping it early only costs a decode).
     pub(super) order: VecDeque<NodeKey>,
 }
 
@@ -91,10 +92,15 @@ impl Memo {
         self.map.get(key).cloned()
     }
 
+    /// Forgets `key` (its place in `order` goes when its turn comes).
+    pub(super) fn remove(&mut self, key: &NodeKey) {
+        self.map.remove(key);
+    }
+
     pub(super) fn put(&mut self, key: NodeKey, listing: Arc<DirListing>) {
         if self.map.insert(key.clone(), listing).is_none() {
             self.order.push_back(key);
-            while self.map.len() > MEMO_DIRS {
+            while self.map.len() > MEMO_DIRS || self.order.len() > 2 * MEMO_DIRS {
                 let Some(oldest) = self.order.pop_front() else {
                     break;
                 };
@@ -235,6 +241,10 @@ impl Inner {
                 return newer;
             }
         }
+        let previous = self.memo.lock().get(dir).or_else(|| {
+            let stored = self.cache.index().listing(&dir.origin, &dir.path).ok()??;
+            Some(Arc::new(DirListing::new(stored)))
+        });
         if let Err(e) = self
             .cache
             .index()
@@ -246,7 +256,49 @@ impl Inner {
         let l = Arc::new(DirListing::new(listing));
         self.memo.lock().put(dir.clone(), Arc::clone(&l));
         self.refreshing.lock().remove(dir);
+        if let Some(previous) = previous {
+            self.collect_vanished(dir, &previous, &l);
+        }
         l
+    }
+
+    /// Drops what the index holds for entries of `dir` that `previous`
+    /// listed and `now` does not: the manifest of a file gone from the
+    /// origin, the listings and manifests of a directory tree gone from it.
+    /// Only a successful listing gets here (an unreachable or unmounted
+    /// origin never does), so this is a definite answer. Chunks are not
+    /// touched: they may serve other files and age out by LRU.
+    fn collect_vanished(&self, dir: &NodeKey, previous: &DirListing, now: &DirListing) {
+        let index = self.cache.index();
+        for entry in &previous.entries {
+            if now.entry(&entry.name).is_some() {
+                continue;
+            }
+            let Ok(path) = dir.path.join(&entry.name) else {
+                continue;
+            };
+            let key = NodeKey {
+                origin: dir.origin.clone(),
+                path,
+            };
+            let dropped = match entry.meta.kind {
+                EntryKind::File => index.forget_file(&key.origin, &key.path).map(|()| 1),
+                EntryKind::Dir => {
+                    self.memo.lock().remove(&key);
+                    index.forget_tree(&key.origin, &key.path)
+                }
+                EntryKind::Symlink => Ok(0),
+            };
+            self.seen.lock().remove(&key);
+            match dropped {
+                Ok(n) => {
+                    debug!(origin = %key.origin, path = %key.path, records = n, "gone from the origin; its cached records are dropped")
+                }
+                Err(e) => {
+                    debug!(origin = %key.origin, path = %key.path, error = %e, "cannot drop the records of an entry gone from the origin")
+                }
+            }
+        }
     }
 
     /// The listing of `dir`, asking the origin when nothing is cached.
