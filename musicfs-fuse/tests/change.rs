@@ -413,3 +413,43 @@ fn handles_of_two_versions_never_share_the_kernels_pages() {
         "the old handle's pages leaked into a new open"
     );
 }
+
+/// A long-lived mount does not keep the records of what left the origin:
+/// once a refreshed listing no longer names an album, its listing and its
+/// tracks' manifests are gone from the index.
+#[test]
+fn records_of_an_album_removed_from_the_origin_are_collected() {
+    let (lib, old) = library(MIB);
+    let cfg = FsConfig {
+        listing_ttl: Duration::from_secs(1),
+        ..config()
+    };
+    let h = Harness::start(vec![local("lib", lib.path())], cfg);
+    let artist = h.root().join("lib").join("Artist");
+    assert!(fs::read(artist.join("Album/01 - Track.flac")).unwrap() == old);
+    h.wait_cached("lib", TRACK);
+    let origin = OriginId::new("lib").unwrap();
+    let album = OriginPath::new("Artist/Album").unwrap();
+    let track = OriginPath::new(TRACK).unwrap();
+    assert!(h.cache.index().listing(&origin, &album).unwrap().is_some());
+    assert!(h.cache.index().manifest(&origin, &track).unwrap().is_some());
+
+    fs::remove_dir_all(lib.path().join("Artist/Album")).unwrap();
+    // Browsing the artist refreshes its listing in the background once the
+    // TTL has passed; wait for the records to go.
+    let deadline = Instant::now() + HANG;
+    loop {
+        let _ = fs::read_dir(&artist).map(|d| d.count());
+        let listing = h.cache.index().listing(&origin, &album).unwrap();
+        let manifest = h.cache.index().manifest(&origin, &track).unwrap();
+        if listing.is_none() && manifest.is_none() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the album's records were never collected"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!artist.join("Album").exists());
+}
