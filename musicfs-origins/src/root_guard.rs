@@ -131,10 +131,12 @@ impl RootGuard {
     }
 
     /// A `NotFound` under a root that vanished is the root's absence, not
-    /// the entry's; every other outcome stands.
+    /// the entry's; so is a read's `Changed` (a file gone while read), which
+    /// must not end a player's handle with ESTALE while the NAS is only
+    /// unmounted. Every other outcome stands.
     async fn not_found_means<T>(&self, result: Result<T>) -> Result<T> {
         match result {
-            Err(e) if e.is_not_found() && self.known_root_entries() > 0 => {
+            Err(e) if (e.is_not_found() || e.is_changed()) && self.known_root_entries() > 0 => {
                 match self.root().await {
                     Ok(Root::Vanished(unavailable)) => Err(unavailable),
                     Ok(Root::HasEntries) | Err(_) => Err(e),
