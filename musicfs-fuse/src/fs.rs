@@ -48,9 +48,10 @@
 //! - `open` binds the handle to one version: the cached one while it is
 //!   fresher than `freshness` (or the origin is down), else the one the
 //!   origin confirms (`fs/fresh.rs`); the cache then serves only that
-//!   version's bytes, and the kernel page cache is kept
-//!   (`FOPEN_KEEP_CACHE`) only when that version equals the previous
-//!   open's.
+//!   version's bytes. The inode it opens is that version's own (see the
+//!   inode module), so the kernel's page cache of it is always right and
+//!   is kept (`FOPEN_KEEP_CACHE`); an open of an outdated version's inode
+//!   answers `ESTALE` and the kernel looks the name up again.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -140,8 +141,8 @@ struct Inner {
     root_meta: RwLock<HashMap<OriginId, EntryMeta>>,
     files: Mutex<HashMap<u64, OpenFile>>,
     dirs: Mutex<HashMap<u64, Arc<[DirItem]>>>,
-    /// What each file was last opened as and confirmed to be (freshness,
-    /// `KEEP_CACHE`).
+    /// The version of each file the origin last confirmed, and when
+    /// (freshness).
     seen: Mutex<SeenFiles>,
     /// Origins with a freshness check that has not answered in time, since
     /// when (see `fresh`).

@@ -2,8 +2,10 @@
 //!
 //! Layer: part of the filesystem proper (see `fs.rs`), over the cache's
 //! file handles. Invariants: `open` binds the handle to the version
-//! `fresh.rs` chose and keeps the kernel page cache (`FOPEN_KEEP_CACHE`)
-//! only when that version equals the previous open's; a read of a fully
+//! `fresh.rs` chose, which must be the version of the inode opened (else
+//! `ESTALE`: the kernel looks the name up again and gets the new version's
+//! inode), and keeps the kernel page cache, which is that version's; a
+//! read of a fully
 //! cached file is answered on the FUSE thread, any other runs as a task
 //! bounded by `read_timeout` (`EIO` when it expires), so a read stuck on a
 //! hung origin holds no FUSE thread; errors become errnos only through

@@ -1,4 +1,4 @@
-//! Unit tests of the filesystem proper: listings, memo, keep-cache.
+//! Unit tests of the filesystem proper: listings and their memo.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
