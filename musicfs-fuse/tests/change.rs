@@ -437,19 +437,11 @@ fn records_of_an_album_removed_from_the_origin_are_collected() {
     fs::remove_dir_all(lib.path().join("Artist/Album")).unwrap();
     // Browsing the artist refreshes its listing in the background once the
     // TTL has passed; wait for the records to go.
-    let deadline = Instant::now() + HANG;
-    loop {
+    wait_until("the album's records are collected", || {
         let _ = fs::read_dir(&artist).map(|d| d.count());
         let listing = h.cache.index().listing(&origin, &album).unwrap();
         let manifest = h.cache.index().manifest(&origin, &track).unwrap();
-        if listing.is_none() && manifest.is_none() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the album's records were never collected"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        listing.is_none() && manifest.is_none()
+    });
     assert!(!artist.join("Album").exists());
 }
