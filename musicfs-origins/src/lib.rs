@@ -34,12 +34,14 @@ use bytes::Bytes;
 
 pub mod fds;
 pub mod health;
+pub mod limit;
 pub mod local;
 mod path;
 pub mod retry;
 pub mod root_guard;
 
 pub use health::{HealthMonitor, HealthState, MonitorTask, OriginHealth};
+pub use limit::{LimitOrigin, TimeoutOrigin};
 pub use local::LocalOrigin;
 pub use path::OriginPath;
 pub use retry::{RetryOrigin, RetryPolicy};
