@@ -153,12 +153,20 @@ pub(super) async fn run_ingest(weak: Weak<OpenFile>, cache: Arc<CacheInner>) {
                 file.progress.send_modify(|v| *v += 1);
                 IngestStep::Finished
             } else {
-                let event = if st.stale {
+                let stale = st.stale;
+                st.ingest_event(if stale {
                     IngestEvent::Failed
                 } else {
                     IngestEvent::Paused
-                };
-                st.ingest_event(event);
+                });
+                drop(st);
+                if stale {
+                    // A reader may have started waiting after the change
+                    // was announced, while this ingest still ran: it must
+                    // see that the ingest is over. (Pausing needs no word:
+                    // no reader waits while nothing more is wanted.)
+                    file.progress.send_modify(|v| *v += 1);
+                }
                 return;
             }
         };
@@ -220,8 +228,10 @@ pub(super) async fn run_ingest(weak: Weak<OpenFile>, cache: Arc<CacheInner>) {
                 tokio::task::yield_now().await;
             }
             Err(CasError::OriginChanged { reason, .. }) => {
-                file.go_stale(&cache, &reason);
+                // Failed first: going stale wakes the waiting readers, who
+                // must then find no ingest to wait for.
                 file.state.lock().ingest_event(IngestEvent::Failed);
+                file.go_stale(&cache, &reason);
                 return;
             }
             Err(e) => {
