@@ -2,32 +2,18 @@
 //! FUSE mounts, a real music library, real signals.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::io::Read;
+use std::path::Path;
+use std::process::Command;
 
 use musicfs_test_utils::{
     library_files, make_library, pseudo_random_bytes, write_file, LibrarySpec,
 };
 use tempfile::TempDir;
 
-const BIN: &str = env!("CARGO_BIN_EXE_musicfs");
-
-/// Bounds every wait on an event here: it only ends a hang, so it is far
-/// longer than anything takes on a busy machine.
-const HANG: Duration = Duration::from_secs(60);
-
-/// Waits until `cond` holds, polling every 20 ms; fails the test with
-/// `what` after [`HANG`].
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + HANG;
-    while !cond() {
-        assert!(Instant::now() < deadline, "{what}: not within {HANG:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+#[path = "support/daemon.rs"]
+mod daemon;
+use daemon::{musicfs, wait_until, BIN, DEADLINE as HANG};
 
 /// Bytes in the chunk files of the cache at `cache` (a chunk file appears
 /// only once it is whole).
@@ -63,104 +49,20 @@ fn read_until_cached(path: &Path, want: &[u8], cache: &Path) {
     });
 }
 
-/// A running `musicfs mount`; on drop it is stopped and its mount removed.
-struct Daemon {
-    child: Option<Child>,
-    mountpoint: PathBuf,
-}
+/// A running `musicfs mount` over `origins` (the shared test daemon,
+/// `tests/support/daemon.rs`); stopped and unmounted on drop.
+struct Daemon;
 
 impl Daemon {
-    fn start(mountpoint: &Path, cache: &Path, origins: &[&Path], extra: &[&str]) -> Daemon {
-        let mut cmd = Command::new(BIN);
-        cmd.arg("mount")
-            .arg(mountpoint)
-            .arg("--cache-dir")
-            .arg(cache);
+    fn start(mountpoint: &Path, cache: &Path, origins: &[&Path], extra: &[&str]) -> daemon::Daemon {
+        let mut args: Vec<&str> = Vec::new();
         for o in origins {
-            cmd.arg("--origin").arg(o);
+            args.push("--origin");
+            args.push(o.to_str().expect("test paths are UTF-8"));
         }
-        cmd.args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = cmd.spawn().expect("spawn musicfs");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let d = Daemon {
-            child: Some(child),
-            mountpoint: mountpoint.to_owned(),
-        };
-        match rx.recv_timeout(HANG) {
-            Ok(line) if line.contains("mounted at") => d,
-            other => panic!("musicfs did not come up: {other:?}"),
-        }
+        args.extend_from_slice(extra);
+        daemon::Daemon::start(mountpoint, cache, &args)
     }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    fn signal(&self, sig: &str) {
-        Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status()
-            .unwrap();
-    }
-
-    /// SIGTERM, then asserts a clean exit (0).
-    fn stop(&mut self) {
-        self.signal("TERM");
-        let st = self.wait(HANG).expect("SIGTERM did not end musicfs");
-        assert!(st.success(), "musicfs exited with {st:?}");
-    }
-
-    /// Waits for the process to end; its exit status.
-    fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let start = Instant::now();
-        let child = self.child.as_mut()?;
-        while start.elapsed() < limit {
-            if let Some(st) = child.try_wait().unwrap() {
-                self.child = None;
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(10) {
-                if c.try_wait().ok().flatten().is_some() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = Command::new("fusermount3")
-            .arg("-uz")
-            .arg(&self.mountpoint)
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-fn musicfs(args: &[&str]) -> std::process::Output {
-    Command::new(BIN).args(args).output().unwrap()
 }
 
 fn compare_tree(origin: &Path, mounted: &Path) {
