@@ -13,10 +13,10 @@
 //! | `OutsideRoot`, `HiddenSymlink` (a symlink leaving the library or leading nowhere) | `ENOENT` | such links are hidden, so there is nothing by that name |
 //! | `Unsupported` (e.g. `readlink` on an origin without symlinks) | `EINVAL` | what `readlink` answers for something that is not a link it can read |
 //! | `InvalidPath`, `InvalidName` | `ENOENT` | no origin can hold such a name, so nothing is there |
-//! | `PermissionDenied` | `EACCES` | the daemon's user may not read it on the origin; what the user must fix |
+//! | `PermissionDenied`, `AccessDenied` (bad or insufficient credentials) | `EACCES` | the daemon's user or its credentials may not read it on the origin; what the user must fix |
 //! | `Changed` / `OriginChanged` (changed, replaced or deleted while open) | `ESTALE` | the handle is bound to a version the origin no longer has. `ESTALE` ("stale file handle") is what NFS answers in the same case and says exactly what to do: open the file again, which reads the new version. `EIO` would read as a broken disk, `ENOENT` as a deleted file |
 //! | `TooManyOpenFiles` | `EIO` | the daemon, not the caller, ran out of fds; `EMFILE` would blame the player's own fd table |
-//! | `Unavailable`, `Timeout`, `OriginTimeout`, `Io` | `EIO` | the origin is down, hung or failing; the cached tree and bytes keep being served, only this request failed |
+//! | `Unavailable`, `Timeout`, `Throttled`, `OriginTimeout`, `Io` | `EIO` | the origin is down, hung or failing; the cached tree and bytes keep being served, only this request failed |
 //! | `UnknownOrigin` | `ENOENT` | no origin by that name is mounted |
 //! | the cache disk (`CacheUnavailable`, cache `Io`, damaged chunks) | `EIO` | only when even the origin could not serve the bytes; normally such reads go through to the origin |
 //! | a read past `--read-timeout` | `EIO` | see `read` in `fs.rs`; a hung origin must not hang the player |
@@ -37,12 +37,13 @@ pub(crate) fn of_origin(err: &OriginError) -> Errno {
             expected: "file", ..
         } => Errno::EISDIR,
         OriginError::WrongKind { .. } => Errno::ENOTDIR,
-        OriginError::PermissionDenied { .. } => Errno::EACCES,
+        OriginError::PermissionDenied { .. } | OriginError::AccessDenied { .. } => Errno::EACCES,
         OriginError::Unsupported { .. } => Errno::EINVAL,
         OriginError::Changed { .. } => Errno::ESTALE,
         OriginError::TooManyOpenFiles { .. }
         | OriginError::Unavailable { .. }
         | OriginError::Timeout { .. }
+        | OriginError::Throttled { .. }
         | OriginError::Io { .. } => Errno::EIO,
     }
 }

@@ -257,6 +257,39 @@ pub trait Origin: Send + Sync + fmt::Debug {
     fn supports_range_reads(&self) -> bool {
         true
     }
+
+    /// A digest of the whole content of `version` that the origin vouches
+    /// for (an S3 single-part upload's MD5 ETag), where it has one. The
+    /// cache checks a first ingest that reaches the end against it and never
+    /// keeps bytes that disagree: the one corruption chunk hashes cannot
+    /// catch is a download that was wrong from the start.
+    fn whole_digest(&self, _path: &OriginPath, _version: &FileVersion) -> Option<WholeDigest> {
+        None
+    }
+}
+
+/// A digest of a whole file's content, as an origin states it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WholeDigest {
+    /// The MD5 of the content (an S3 ETag of a single-part upload).
+    Md5([u8; 16]),
+}
+
+impl WholeDigest {
+    /// The MD5 an S3-style ETag states, where it is one: 32 hex digits,
+    /// quotes dropped. A multipart ETag (`<hex>-<parts>`) or any other form
+    /// states no digest of the content.
+    pub fn from_md5_etag(etag: &str) -> Option<Self> {
+        let hex = etag.trim().trim_matches('"');
+        if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let mut out = [0u8; 16];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(WholeDigest::Md5(out))
+    }
 }
 
 /// Everything that can go wrong talking to an origin.
@@ -315,6 +348,19 @@ pub enum OriginError {
     #[error("{origin}: no answer within {timeout:?}; the origin may be hung")]
     Timeout { origin: OriginId, timeout: Duration },
 
+    #[error("{origin}: the server asks to slow down ({reason}); MusicFS waits and retries")]
+    Throttled {
+        origin: OriginId,
+        reason: String,
+        /// How long the server asked to wait (`Retry-After`), where it said.
+        retry_after: Option<Duration>,
+    },
+
+    #[error(
+        "{origin}: access denied ({reason}); check the origin's credentials and what they may read"
+    )]
+    AccessDenied { origin: OriginId, reason: String },
+
     #[error("{origin}: I/O error on '{path}': {source}")]
     Io {
         origin: OriginId,
@@ -338,10 +384,12 @@ impl OriginError {
             | OriginError::OutsideRoot { .. }
             | OriginError::HiddenSymlink { .. }
             | OriginError::Unsupported { .. }
-            | OriginError::PermissionDenied { .. } => false,
+            | OriginError::PermissionDenied { .. }
+            | OriginError::AccessDenied { .. } => false,
             OriginError::TooManyOpenFiles { .. }
             | OriginError::Unavailable { .. }
-            | OriginError::Timeout { .. } => true,
+            | OriginError::Timeout { .. }
+            | OriginError::Throttled { .. } => true,
             OriginError::Io { source, .. } => io_is_retryable(source),
         }
     }
@@ -434,6 +482,27 @@ mod tests {
         for bad in ["", ".", "..", "a/b", "a\0b"] {
             assert!(OriginId::new(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn only_single_part_md5_etags_state_a_digest() {
+        let d = WholeDigest::from_md5_etag("\"9e107d9d372bb6826bd81d3542a419d6\"");
+        assert_eq!(
+            d,
+            Some(WholeDigest::Md5([
+                0x9e, 0x10, 0x7d, 0x9d, 0x37, 0x2b, 0xb6, 0x82, 0x6b, 0xd8, 0x1d, 0x35, 0x42, 0xa4,
+                0x19, 0xd6
+            ]))
+        );
+        assert_eq!(
+            WholeDigest::from_md5_etag("9e107d9d372bb6826bd81d3542a419d6-3"),
+            None
+        );
+        assert_eq!(WholeDigest::from_md5_etag("W/\"abc\""), None);
+        assert_eq!(
+            WholeDigest::from_md5_etag("zz107d9d372bb6826bd81d3542a419d6"),
+            None
+        );
     }
 
     #[test]
