@@ -45,6 +45,9 @@ pub(crate) fn of_origin(err: &OriginError) -> Errno {
         | OriginError::Timeout { .. }
         | OriginError::Throttled { .. }
         | OriginError::Io { .. } => Errno::EIO,
+        // Configuration errors stop a mount from starting; should one reach
+        // a request anyway, the origin could not answer it.
+        OriginError::InvalidRemote { .. } | OriginError::Misconfigured { .. } => Errno::EIO,
     }
 }
 

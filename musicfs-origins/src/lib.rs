@@ -1,7 +1,7 @@
 //! Origins: where the music lives.
 //!
 //! This is the bottom layer of MusicFS. An [`Origin`] is a read-only tree of
-//! files (a local or NAS directory now; S3 and SFTP later) addressed by
+//! files (a local or NAS directory, an S3 bucket, an SFTP or WebDAV server) addressed by
 //! [`OriginPath`]s that are relative, normalised and can never name anything
 //! outside the origin's root. Names are bytes, as on Linux: a name that is
 //! not UTF-8 is served under its exact bytes (S3 and SFTP keys are UTF-8,
@@ -37,6 +37,7 @@ pub mod health;
 pub mod limit;
 pub mod local;
 mod path;
+pub mod remote;
 pub mod retry;
 pub mod root_guard;
 
@@ -44,6 +45,7 @@ pub use health::{HealthMonitor, HealthState, MonitorTask, OriginHealth};
 pub use limit::{LimitOrigin, TimeoutOrigin};
 pub use local::LocalOrigin;
 pub use path::OriginPath;
+pub use remote::{is_remote_url, RemoteKind, RemoteOrigin, RemoteSettings, RemoteSpec, Secret};
 pub use retry::{RetryOrigin, RetryPolicy};
 pub use root_guard::RootGuard;
 
@@ -361,6 +363,17 @@ pub enum OriginError {
     )]
     AccessDenied { origin: OriginId, reason: String },
 
+    #[error("invalid remote origin '{url}': {problem}")]
+    InvalidRemote {
+        /// The URL as given, with any password replaced by `***`.
+        url: String,
+        /// What is wrong and how to write it instead.
+        problem: String,
+    },
+
+    #[error("{origin}: cannot set up this origin: {reason}")]
+    Misconfigured { origin: OriginId, reason: String },
+
     #[error("{origin}: I/O error on '{path}': {source}")]
     Io {
         origin: OriginId,
@@ -385,7 +398,9 @@ impl OriginError {
             | OriginError::HiddenSymlink { .. }
             | OriginError::Unsupported { .. }
             | OriginError::PermissionDenied { .. }
-            | OriginError::AccessDenied { .. } => false,
+            | OriginError::AccessDenied { .. }
+            | OriginError::InvalidRemote { .. }
+            | OriginError::Misconfigured { .. } => false,
             OriginError::TooManyOpenFiles { .. }
             | OriginError::Unavailable { .. }
             | OriginError::Timeout { .. }

@@ -1,0 +1,629 @@
+//! The SFTP origin: a directory on a server reached with the user's own
+//! OpenSSH setup.
+//!
+//! Layer: bottom (an [`Origin`] implementation inside
+//! [`super::RemoteOrigin`]). One call is one attempt; a call that meets a
+//! broken connection fails retryable and the next call connects afresh.
+//!
+//! Built on the `openssh` crate (it drives the system `ssh` binary as a
+//! control master) and `openssh-sftp-client`, the same two crates OpenDAL's
+//! SFTP service uses, because that service cannot be used as it is: it
+//! takes no ssh config, known_hosts or port setting, creates the root
+//! directory on the server when it connects, lists a missing directory as
+//! empty, panics on a file name that is not UTF-8, and resolves every read
+//! with an extra `realpath` round trip.
+//!
+//! Invariants:
+//! - The user's OpenSSH setup decides: `~/.ssh/config` (or the configured
+//!   file), the agent, identity files and `known_hosts`. Host keys are
+//!   checked strictly (`StrictHostKeyChecking=yes`): an unknown or changed
+//!   key is [`OriginError::AccessDenied`] saying "host key", never accepted.
+//!   `BatchMode=yes`: ssh never prompts, so it can never hang on a prompt.
+//! - [`SftpOrigin::new`] does no I/O: the server may be down when MusicFS
+//!   starts. The first call connects.
+//! - One connection at a time, shared by all calls (SFTP multiplexes
+//!   requests). When it breaks (server restarted, network gone), every
+//!   call on it fails with [`OriginError::Unavailable`] and the next call
+//!   opens a new one; handles of the old one are never used again.
+//! - Every byte returned belongs to the version asked for. SFTP has no
+//!   conditional read, so a read runs on a handle opened for the version
+//!   and `fstat`s that handle after the bytes arrived: a file rewritten in
+//!   place shows a new size or mtime there and the read fails with
+//!   [`OriginError::Changed`]; a file replaced by rename leaves the handle
+//!   on the old inode, whose bytes are the version's. The version is size
+//!   and mtime (whole seconds: SFTP v3 has no finer time).
+//! - A read returns exactly `min(len, size - offset)` bytes, or fails.
+//! - Listings leave out `.`, `..`, and anything but files and directories:
+//!   symlinks are not served on SFTP origins (the server would follow them
+//!   anywhere, and MusicFS never follows a link out of the root).
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use openssh::{ControlPersist, KnownHosts, SessionBuilder};
+use openssh_sftp_client::error::SftpErrorKind;
+use openssh_sftp_client::file::File;
+use openssh_sftp_client::metadata::MetaData;
+use openssh_sftp_client::{Error as SftpError, Sftp, SftpOptions};
+use parking_lot::Mutex;
+use tokio::io::AsyncSeekExt;
+
+use super::meta;
+use super::spec::RemoteSettings;
+use crate::{
+    DirEntry, EntryKind, EntryMeta, FileVersion, OriginError, OriginId, OriginPath, Result,
+};
+
+/// How long ssh may take to open the TCP connection and exchange banners.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keepalives find a dead connection in about three of these.
+const ALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// Bytes asked for by one SFTP read request; larger reads are split and
+/// sent together, so a read of several requests costs one round trip.
+const READ_REQUEST: u64 = 256 * 1024;
+/// Server-side handles kept open for files being read.
+const KEPT_HANDLES: usize = 16;
+
+/// Where to connect and how.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub user: Option<String>,
+    pub host: String,
+    pub port: Option<u16>,
+    /// Absolute, relative to the login directory, or empty (that directory).
+    pub root: String,
+    pub settings: RemoteSettings,
+}
+
+#[derive(Debug)]
+pub(crate) struct SftpOrigin {
+    id: OriginId,
+    target: Target,
+    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    generation: AtomicU64,
+    kept: Mutex<Kept>,
+}
+
+#[derive(Debug)]
+struct Conn {
+    generation: u64,
+    sftp: Sftp,
+}
+
+/// Handles opened for versions being read, newest last.
+#[derive(Debug, Default)]
+struct Kept {
+    files: VecDeque<(OriginPath, FileVersion, u64, File)>,
+}
+
+impl Kept {
+    fn get(&mut self, path: &OriginPath, version: &FileVersion, generation: u64) -> Option<File> {
+        let at = self
+            .files
+            .iter()
+            .position(|(p, v, g, _)| p == path && v == version && *g == generation)?;
+        let entry = self.files.remove(at)?;
+        let file = entry.3.clone();
+        self.files.push_back(entry);
+        Some(file)
+    }
+
+    fn put(&mut self, path: &OriginPath, version: &FileVersion, generation: u64, file: File) {
+        self.forget(path, version);
+        // Handles of an older connection are dead anyway.
+        self.files.retain(|(_, _, g, _)| *g == generation);
+        while self.files.len() >= KEPT_HANDLES {
+            self.files.pop_front();
+        }
+        self.files
+            .push_back((path.clone(), version.clone(), generation, file));
+    }
+
+    fn forget(&mut self, path: &OriginPath, version: &FileVersion) {
+        self.files
+            .retain(|(p, v, _, _)| !(p == path && v == version));
+    }
+}
+
+impl SftpOrigin {
+    pub(crate) fn new(id: OriginId, target: Target) -> Self {
+        Self {
+            id,
+            target,
+            conn: tokio::sync::Mutex::new(None),
+            generation: AtomicU64::new(0),
+            kept: Mutex::new(Kept::default()),
+        }
+    }
+
+    pub(crate) fn id(&self) -> &OriginId {
+        &self.id
+    }
+
+    /// The live connection, or a new one. Callers queue here while one of
+    /// them connects, so a server coming back meets one login, not many.
+    async fn conn(&self) -> Result<Arc<Conn>> {
+        let mut slot = self.conn.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            return Ok(Arc::clone(conn));
+        }
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let conn = Arc::new(Conn {
+            generation,
+            sftp: self.connect().await?,
+        });
+        tracing::info!(origin = %self.id, generation, "connected to the SFTP server");
+        *slot = Some(Arc::clone(&conn));
+        Ok(conn)
+    }
+
+    async fn connect(&self) -> Result<Sftp> {
+        let t = &self.target;
+        let mut builder = SessionBuilder::default();
+        builder
+            .known_hosts_check(KnownHosts::Strict)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .server_alive_interval(ALIVE_INTERVAL)
+            // The master ends with its one session: nothing outlives us.
+            .control_persist(ControlPersist::ClosedAfterInitialConnection)
+            .control_directory(std::env::temp_dir());
+        if let Some(user) = &t.user {
+            builder.user(user.clone());
+        }
+        if let Some(port) = t.port {
+            builder.port(port);
+        }
+        if let Some(config) = &t.settings.ssh_config {
+            builder.config_file(config);
+        }
+        if let Some(key) = &t.settings.ssh_key {
+            builder.keyfile(key);
+        }
+        if let Some(known_hosts) = &t.settings.known_hosts {
+            builder.user_known_hosts_file(known_hosts);
+        }
+        let session = builder
+            .connect(&t.host)
+            .await
+            .map_err(|e| self.ssh_err(&e))?;
+        Sftp::from_session(session, SftpOptions::default())
+            .await
+            .map_err(|e| self.lost(None, &OriginPath::root(), e))
+    }
+
+    /// A failed login, with what the user must fix.
+    fn ssh_err(&self, e: &openssh::Error) -> OriginError {
+        let text = error_chain(e);
+        classify_ssh(&self.id, &self.target.host, &text)
+    }
+
+    /// An SFTP error on `conn`. A status from the server is an answer; any
+    /// other error means the connection is gone, so it is dropped and the
+    /// next call reconnects.
+    fn lost(&self, conn: Option<&Conn>, path: &OriginPath, e: SftpError) -> OriginError {
+        match &e {
+            SftpError::SftpError(kind, msg) => match kind {
+                SftpErrorKind::NoSuchFile => OriginError::NotFound {
+                    origin: self.id.clone(),
+                    path: path.to_string(),
+                },
+                SftpErrorKind::PermDenied => OriginError::PermissionDenied {
+                    origin: self.id.clone(),
+                    path: path.to_string(),
+                },
+                _ => OriginError::Unavailable {
+                    origin: self.id.clone(),
+                    reason: format!("'{path}': the SFTP server answered {kind:?}: {msg}"),
+                },
+            },
+            _ => {
+                if let Some(conn) = conn {
+                    self.drop_conn(conn.generation);
+                }
+                OriginError::Unavailable {
+                    origin: self.id.clone(),
+                    reason: format!("'{path}': the SFTP connection failed: {e}"),
+                }
+            }
+        }
+    }
+
+    fn drop_conn(&self, generation: u64) {
+        // try_lock: a caller holding the lock is connecting right now, and
+        // its connection is newer than the broken one.
+        if let Ok(mut slot) = self.conn.try_lock() {
+            if slot.as_ref().is_some_and(|c| c.generation == generation) {
+                tracing::info!(origin = %self.id, generation, "dropping a broken SFTP connection");
+                *slot = None;
+            }
+        }
+    }
+
+    /// The server path of `path`.
+    fn server_path(&self, path: &OriginPath) -> PathBuf {
+        let root = &self.target.root;
+        let mut p = if root.is_empty() {
+            PathBuf::from(".")
+        } else {
+            PathBuf::from(root)
+        };
+        if !path.is_root() {
+            p.push(path.as_os_str());
+        }
+        p
+    }
+
+    pub(crate) async fn list(&self, path: &OriginPath) -> Result<Vec<DirEntry>> {
+        let conn = self.conn().await?;
+        let dir = conn
+            .sftp
+            .fs()
+            .open_dir(self.server_path(path))
+            .await
+            .map_err(|e| self.lost(Some(&conn), path, e));
+        let dir = match dir {
+            Ok(dir) => dir,
+            // A file is no directory; v3 servers say only "failure".
+            Err(OriginError::Unavailable { .. }) | Err(OriginError::NotFound { .. })
+                if self
+                    .stat_on(&conn, path)
+                    .await
+                    .is_ok_and(|m| m.kind != EntryKind::Dir) =>
+            {
+                return Err(OriginError::WrongKind {
+                    origin: self.id.clone(),
+                    path: path.to_string(),
+                    expected: "directory",
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        let mut entries = Vec::new();
+        let mut stream = Box::pin(dir.read_dir());
+        while let Some(entry) = stream.next().await {
+            let entry = entry.map_err(|e| self.lost(Some(&conn), path, e))?;
+            let name = entry.filename().as_os_str();
+            if name == "." || name == ".." || !OriginPath::is_valid_name(name) {
+                continue;
+            }
+            let Some(meta) = file_or_dir(&entry.metadata()) else {
+                tracing::debug!(origin = %self.id, dir = %path, ?name, "not listing a symlink or special file");
+                continue;
+            };
+            entries.push(DirEntry::new(name.to_owned(), meta));
+        }
+        Ok(entries)
+    }
+
+    pub(crate) async fn stat(&self, path: &OriginPath) -> Result<EntryMeta> {
+        let conn = self.conn().await?;
+        self.stat_on(&conn, path).await
+    }
+
+    async fn stat_on(&self, conn: &Conn, path: &OriginPath) -> Result<EntryMeta> {
+        let mut fs = conn.sftp.fs();
+        let server = self.server_path(path);
+        // The root is the operator's configuration: followed if a link.
+        let md = if path.is_root() {
+            fs.metadata(server).await
+        } else {
+            fs.symlink_metadata(server).await
+        }
+        .map_err(|e| self.lost(Some(conn), path, e))?;
+        if md.file_type().is_some_and(|t| t.is_symlink()) {
+            return Err(OriginError::HiddenSymlink {
+                origin: self.id.clone(),
+                path: path.to_string(),
+                reason: "symlinks on SFTP origins are not served",
+            });
+        }
+        file_or_dir(&md).ok_or_else(|| OriginError::WrongKind {
+            origin: self.id.clone(),
+            path: path.to_string(),
+            expected: "file or directory",
+        })
+    }
+
+    pub(crate) async fn read_range(
+        &self,
+        path: &OriginPath,
+        version: &FileVersion,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes> {
+        let want = len.min(version.size.saturating_sub(offset));
+        if want == 0 {
+            return Ok(Bytes::new());
+        }
+        let conn = self.conn().await?;
+        let file = self.open_version(&conn, path, version).await?;
+        let result = self.read_exact(&conn, path, &file, offset, want).await;
+        // After the bytes: the handle still holds the version, or the read
+        // may have overlapped a rewrite.
+        let check = self.check_handle(&conn, path, version, &file).await;
+        match (result, check) {
+            (Ok(buf), Ok(())) => Ok(buf),
+            (_, Err(e)) | (Err(e), _) => {
+                self.kept.lock().forget(path, version);
+                Err(e)
+            }
+        }
+    }
+
+    async fn open_version(
+        &self,
+        conn: &Conn,
+        path: &OriginPath,
+        version: &FileVersion,
+    ) -> Result<File> {
+        if let Some(file) = self.kept.lock().get(path, version, conn.generation) {
+            return Ok(file);
+        }
+        let file = conn.sftp.open(self.server_path(path)).await.map_err(|e| {
+            match self.lost(Some(conn), path, e) {
+                // Gone: it no longer holds the version.
+                OriginError::NotFound { .. } => {
+                    self.changed(path, version, "the file is gone".into())
+                }
+                e => e,
+            }
+        })?;
+        self.kept
+            .lock()
+            .put(path, version, conn.generation, file.clone());
+        Ok(file)
+    }
+
+    /// `want` bytes from `offset`, in requests of [`READ_REQUEST`] sent
+    /// together; a server's short answer is asked again for the rest.
+    async fn read_exact(
+        &self,
+        conn: &Conn,
+        path: &OriginPath,
+        file: &File,
+        offset: u64,
+        want: u64,
+    ) -> Result<Bytes> {
+        let end = offset + want;
+        let pieces = (offset..end).step_by(READ_REQUEST as usize).map(|start| {
+            let stop = (start + READ_REQUEST).min(end);
+            let mut file = file.clone();
+            async move {
+                let mut out = BytesMut::with_capacity((stop - start) as usize);
+                let mut at = start;
+                while at < stop {
+                    file.seek(std::io::SeekFrom::Start(at))
+                        .await
+                        .map_err(SftpError::from)?;
+                    // `stop - at` <= READ_REQUEST, which fits a u32.
+                    let n = (stop - at) as u32;
+                    match file.read(n, BytesMut::with_capacity(n as usize)).await? {
+                        Some(bytes) if !bytes.is_empty() => {
+                            at += bytes.len() as u64;
+                            out.extend_from_slice(&bytes);
+                        }
+                        // End of file before the version's size.
+                        _ => break,
+                    }
+                }
+                Ok::<_, SftpError>(out)
+            }
+        });
+        let parts = futures::future::try_join_all(pieces)
+            .await
+            .map_err(|e| self.lost(Some(conn), path, e))?;
+        let mut buf = BytesMut::with_capacity(want as usize);
+        for part in parts {
+            buf.extend_from_slice(&part);
+        }
+        if buf.len() as u64 != want {
+            // The file is shorter than its version: it changed (the check
+            // after the read says how).
+            return Err(OriginError::Unavailable {
+                origin: self.id.clone(),
+                reason: format!(
+                    "'{path}': asked for {want} bytes at {offset}, the server sent {}",
+                    buf.len()
+                ),
+            });
+        }
+        Ok(buf.freeze())
+    }
+
+    async fn check_handle(
+        &self,
+        conn: &Conn,
+        path: &OriginPath,
+        version: &FileVersion,
+        file: &File,
+    ) -> Result<()> {
+        let md = file
+            .clone()
+            .metadata()
+            .await
+            .map_err(|e| self.lost(Some(conn), path, e))?;
+        match file_or_dir(&md) {
+            Some(now) if version.matches(&now) => Ok(()),
+            now => Err(self.changed(
+                path,
+                version,
+                format!(
+                    "found {}",
+                    now.map_or_else(
+                        || "another kind of file".into(),
+                        |m| m.version().to_string()
+                    )
+                ),
+            )),
+        }
+    }
+
+    fn changed(&self, path: &OriginPath, version: &FileVersion, reason: String) -> OriginError {
+        OriginError::Changed {
+            origin: self.id.clone(),
+            path: path.to_string(),
+            reason: format!("reading {version}: {reason}"),
+        }
+    }
+
+    pub(crate) fn release(&self, path: &OriginPath, version: &FileVersion) {
+        self.kept.lock().forget(path, version);
+    }
+
+    /// Connects if needed, then one stat of the root: one round trip on a
+    /// live connection.
+    pub(crate) async fn health(&self) -> Result<()> {
+        let root = OriginPath::root();
+        match self.stat(&root).await {
+            Ok(meta) if meta.kind == EntryKind::Dir => Ok(()),
+            Ok(_) => Err(OriginError::WrongKind {
+                origin: self.id.clone(),
+                path: root.to_string(),
+                expected: "directory",
+            }),
+            Err(OriginError::NotFound { .. }) => Err(OriginError::Unavailable {
+                origin: self.id.clone(),
+                reason: format!(
+                    "the root folder '{}' does not exist on the server",
+                    self.server_path(&root).display()
+                ),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A file's or directory's metadata; `None` for anything else.
+fn file_or_dir(md: &MetaData) -> Option<EntryMeta> {
+    let t = md.file_type()?;
+    let kind = if t.is_file() {
+        EntryKind::File
+    } else if t.is_dir() {
+        EntryKind::Dir
+    } else {
+        return None;
+    };
+    Some(meta::entry(
+        kind,
+        md.len().unwrap_or(0),
+        md.modified().map(|m| m.as_system_time()),
+        None,
+    ))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let msg = s.to_string();
+        if !text.contains(&msg) {
+            text.push_str(": ");
+            text.push_str(&msg);
+        }
+        next = s.source();
+    }
+    text
+}
+
+/// What ssh's complaint means: a host key or login refusal is permanent
+/// (the user must act), anything else may pass.
+pub(crate) fn classify_ssh(origin: &OriginId, host: &str, text: &str) -> OriginError {
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if text.contains("Host key verification failed")
+        || text.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
+        || text.contains("host key for")
+    {
+        return OriginError::AccessDenied {
+            origin: origin.clone(),
+            reason: format!(
+                "ssh refused the server's host key (unknown or changed): {text}; check the key and \
+                 add it to known_hosts (run `ssh {host}` once and compare the fingerprint)"
+            ),
+        };
+    }
+    if text.contains("Permission denied") || text.contains("Too many authentication failures") {
+        return OriginError::AccessDenied {
+            origin: origin.clone(),
+            reason: format!(
+                "ssh could not log in: {text}; check the user, the key and the ssh agent"
+            ),
+        };
+    }
+    OriginError::Unavailable {
+        origin: origin.clone(),
+        reason: format!("ssh to {host} failed: {text}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt;
+
+    fn id() -> OriginId {
+        OriginId::new("nas").unwrap()
+    }
+
+    #[test]
+    fn host_key_refusals_are_access_denied_and_say_host_key() {
+        for text in [
+            "failed to connect to the remote host: Host key verification failed.",
+            "@@@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @@@ ... Host key verification failed.",
+            "No ED25519 host key is known for [127.0.0.1]:2222 and you have requested strict checking.\nHost key verification failed.",
+        ] {
+            let e = classify_ssh(&id(), "nas", text);
+            assert!(matches!(e, OriginError::AccessDenied { .. }), "{e}");
+            assert!(!e.is_retryable());
+            assert!(e.to_string().contains("host key"), "{e}");
+        }
+    }
+
+    #[test]
+    fn login_refusals_are_access_denied_and_network_faults_retryable() {
+        let e = classify_ssh(&id(), "nas", "bob@nas: Permission denied (publickey).");
+        assert!(matches!(e, OriginError::AccessDenied { .. }), "{e}");
+        for text in [
+            "ssh: connect to host 127.0.0.1 port 2222: Connection refused",
+            "ssh: Could not resolve hostname nas: Name or service not known",
+            "ssh: connect to host 10.0.0.1 port 22: Connection timed out",
+            "Connection closed by 127.0.0.1 port 2222",
+        ] {
+            let e = classify_ssh(&id(), "nas", text);
+            assert!(matches!(e, OriginError::Unavailable { .. }), "{e}");
+            assert!(e.is_retryable());
+            assert!(!e.is_not_found());
+        }
+    }
+
+    #[test]
+    fn server_paths_follow_the_root() {
+        let target = |root: &str| Target {
+            user: None,
+            host: "nas".into(),
+            port: None,
+            root: root.into(),
+            settings: RemoteSettings::default(),
+        };
+        let p = OriginPath::new("Album/01.flac").unwrap();
+        let o = SftpOrigin::new(id(), target("/srv/music"));
+        assert_eq!(o.server_path(&p), PathBuf::from("/srv/music/Album/01.flac"));
+        assert_eq!(
+            o.server_path(&OriginPath::root()),
+            PathBuf::from("/srv/music")
+        );
+        let o = SftpOrigin::new(id(), target(""));
+        assert_eq!(o.server_path(&p), PathBuf::from("./Album/01.flac"));
+        let o = SftpOrigin::new(id(), target("music"));
+        assert_eq!(o.server_path(&p), PathBuf::from("music/Album/01.flac"));
+        let latin1 = OriginPath::from_bytes(b"Bj\xf6rk.flac").unwrap();
+        assert_eq!(
+            o.server_path(&latin1).as_os_str().as_bytes(),
+            b"music/Bj\xf6rk.flac"
+        );
+    }
+}
