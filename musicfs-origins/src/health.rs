@@ -38,6 +38,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::{
     DirEntry, DynOrigin, EntryMeta, FileVersion, Origin, OriginError, OriginId, OriginPath, Result,
+    WholeDigest,
 };
 
 /// What the monitor last concluded about an origin.
@@ -366,6 +367,10 @@ impl Origin for Watched {
 
     fn supports_range_reads(&self) -> bool {
         self.inner.supports_range_reads()
+    }
+
+    fn whole_digest(&self, path: &OriginPath, version: &FileVersion) -> Option<WholeDigest> {
+        self.inner.whole_digest(path, version)
     }
 }
 

@@ -28,6 +28,7 @@ use tokio::sync::Semaphore;
 
 use crate::{
     DirEntry, DynOrigin, EntryMeta, FileVersion, Origin, OriginError, OriginId, OriginPath, Result,
+    WholeDigest,
 };
 
 /// At most `limit` calls in the inner origin at once (a connection pool's
@@ -110,6 +111,10 @@ impl Origin for LimitOrigin {
     fn supports_range_reads(&self) -> bool {
         self.inner.supports_range_reads()
     }
+
+    fn whole_digest(&self, path: &OriginPath, version: &FileVersion) -> Option<WholeDigest> {
+        self.inner.whole_digest(path, version)
+    }
 }
 
 /// Every call of the inner origin bounded by `timeout`.
@@ -174,6 +179,10 @@ impl Origin for TimeoutOrigin {
 
     fn supports_range_reads(&self) -> bool {
         self.inner.supports_range_reads()
+    }
+
+    fn whole_digest(&self, path: &OriginPath, version: &FileVersion) -> Option<WholeDigest> {
+        self.inner.whole_digest(path, version)
     }
 }
 
@@ -333,8 +342,12 @@ mod tests {
         let data = stack.read_range(&path(), &version(), 0, 4).await.unwrap();
         assert_eq!(&data[..], b"flac");
         assert_eq!(slow.calls.load(Ordering::SeqCst), 2);
-        // 2 s timeout + 100 ms backoff + 50 ms answer.
-        assert_eq!(start.elapsed(), Duration::from_millis(2150));
+        // 2 s timeout + 50 to 100 ms backoff (jittered) + 50 ms answer.
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(2100) && took <= Duration::from_millis(2150),
+            "took {took:?}"
+        );
         assert_eq!(
             slow.running.load(Ordering::SeqCst),
             0,

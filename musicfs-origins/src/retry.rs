@@ -4,17 +4,29 @@
 //! call; [`RetryOrigin`] wraps any origin and retries the calls whose error
 //! says retrying can help ([`OriginError::is_retryable`]). Wrappers compose
 //! (a timeout wrapper, a fault injector, a cache), and keeping retries in this
-//! single layer means stacking them never multiplies attempts: wrap an origin
+//! single layer means stacking them never multiplies them: wrap an origin
 //! in `RetryOrigin` once, at the top of the stack that talks to the origin.
 //!
 //! Invariants:
-//! - At most `max_attempts` attempts per call (at least one), with backoff
-//!   doubling from `initial_backoff` and capped at `max_backoff`.
-//! - Permanent errors (missing file, wrong kind, permission, ...) return after
-//!   the first attempt; after the last attempt the last error is returned.
+//! - At most `max_attempts` attempts per call (at least one). The wait
+//!   before attempt n+1 is drawn between half and all of
+//!   `initial_backoff * 2^(n-1)` (capped at `max_backoff`): the jitter
+//!   spreads out the retries of many readers that failed together, so a
+//!   server coming back is not met by all of them at once.
+//! - A [`OriginError::Throttled`] answer waits at least the server's
+//!   `Retry-After` (capped by [`RetryOrigin::with_max_throttle_wait`]) and
+//!   at least the backoff, which keeps doubling: a throttled origin is
+//!   asked less often, not more.
+//! - With [`RetryOrigin::with_deadline`], no wait is started that would end
+//!   past the call's deadline: the last error is returned at once instead,
+//!   so the caller hears "throttled" or "unavailable", not its own timeout.
+//! - Permanent errors (missing file, wrong kind, permission, bad
+//!   credentials, ...) return after the first attempt; after the last
+//!   attempt the last error is returned.
 //! - [`Origin::health`] is passed through untried-again: it is a probe of
 //!   "right now", and the health monitor's next round is its retry.
-//! - This layer sets no timeouts: a call that hangs is bounded by the caller.
+//! - This layer sets no timeouts: a call that hangs is bounded by the caller
+//!   (or a `TimeoutOrigin` below).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -23,7 +35,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::{DirEntry, DynOrigin, EntryMeta, FileVersion, Origin, OriginId, OriginPath, Result};
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use crate::{
+    DirEntry, DynOrigin, EntryMeta, FileVersion, Origin, OriginError, OriginId, OriginPath, Result,
+    WholeDigest,
+};
 
 /// How often and how patiently to retry.
 #[derive(Debug, Clone)]
@@ -63,15 +81,56 @@ impl RetryPolicy {
 pub struct RetryOrigin {
     inner: DynOrigin,
     policy: RetryPolicy,
+    deadline: Option<Duration>,
+    max_throttle_wait: Duration,
+    rng: Mutex<fastrand::Rng>,
 }
 
 impl RetryOrigin {
+    /// Default cap on how long one `Retry-After` is honoured.
+    pub const DEFAULT_MAX_THROTTLE_WAIT: Duration = Duration::from_secs(30);
+
     pub fn new(inner: DynOrigin, policy: RetryPolicy) -> Self {
-        RetryOrigin { inner, policy }
+        RetryOrigin {
+            inner,
+            policy,
+            deadline: None,
+            max_throttle_wait: Self::DEFAULT_MAX_THROTTLE_WAIT,
+            rng: Mutex::new(fastrand::Rng::new()),
+        }
+    }
+
+    /// Each call, its waits included, fits in `deadline` (the caller's
+    /// read timeout): a wait that would end later is not started.
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// A `Retry-After` longer than `cap` is waited for `cap` only.
+    pub fn with_max_throttle_wait(mut self, cap: Duration) -> Self {
+        self.max_throttle_wait = cap;
+        self
     }
 
     pub fn policy(&self) -> &RetryPolicy {
         &self.policy
+    }
+
+    /// The wait after failed attempt `attempt` that ended in `err`.
+    fn wait_after(&self, attempt: u32, err: &OriginError) -> Duration {
+        let full = self.policy.backoff(attempt);
+        // Between half and all of the backoff.
+        let half = full / 2;
+        let spread = (full - half).as_nanos().min(u128::from(u64::MAX)) as u64;
+        let jittered = half + Duration::from_nanos(self.rng.lock().u64(0..=spread));
+        match err {
+            OriginError::Throttled {
+                retry_after: Some(asked),
+                ..
+            } => jittered.max((*asked).min(self.max_throttle_wait)),
+            _ => jittered,
+        }
     }
 
     async fn retry<T, F, Fut>(&self, op: &'static str, path: &OriginPath, mut call: F) -> Result<T>
@@ -80,11 +139,26 @@ impl RetryOrigin {
         Fut: Future<Output = Result<T>>,
     {
         let max_attempts = self.policy.max_attempts.max(1);
+        let started = Instant::now();
         let mut attempt = 1;
         loop {
             match call().await {
                 Err(err) if err.is_retryable() && attempt < max_attempts => {
-                    let wait = self.policy.backoff(attempt);
+                    let wait = self.wait_after(attempt, &err);
+                    if let Some(deadline) = self.deadline {
+                        if started.elapsed() + wait >= deadline {
+                            tracing::debug!(
+                                origin = %self.inner.id(),
+                                op,
+                                %path,
+                                attempt,
+                                ?wait,
+                                error = %err,
+                                "not retrying: the wait would pass the call's deadline"
+                            );
+                            return Err(err);
+                        }
+                    }
                     tracing::debug!(
                         origin = %self.inner.id(),
                         op,
@@ -146,6 +220,10 @@ impl Origin for RetryOrigin {
 
     fn supports_range_reads(&self) -> bool {
         self.inner.supports_range_reads()
+    }
+
+    fn whole_digest(&self, path: &OriginPath, version: &FileVersion) -> Option<WholeDigest> {
+        self.inner.whole_digest(path, version)
     }
 }
 
@@ -265,6 +343,139 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
+    /// Each gap is between half and all of its full backoff.
+    fn assert_within(gaps: &[Duration], full: &[Duration]) {
+        assert_eq!(gaps.len(), full.len(), "{gaps:?}");
+        for (gap, full) in gaps.iter().zip(full) {
+            assert!(
+                *gap >= *full / 2 && gap <= full,
+                "gap {gap:?} outside [{:?}, {full:?}] in {gaps:?}",
+                *full / 2
+            );
+        }
+    }
+
+    fn throttled(origin: &OriginId, _: u32) -> OriginError {
+        OriginError::Throttled {
+            origin: origin.clone(),
+            reason: "HTTP 503: SlowDown".into(),
+            retry_after: Some(Duration::from_secs(3)),
+        }
+    }
+
+    fn throttled_no_hint(origin: &OriginId, _: u32) -> OriginError {
+        OriginError::Throttled {
+            origin: origin.clone(),
+            reason: "HTTP 429".into(),
+            retry_after: None,
+        }
+    }
+
+    fn access_denied(origin: &OriginId, _: u32) -> OriginError {
+        OriginError::AccessDenied {
+            origin: origin.clone(),
+            reason: "HTTP 403: SignatureDoesNotMatch".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_is_jittered_so_failed_readers_do_not_return_together() {
+        let mut first_gaps = Vec::new();
+        for _ in 0..20 {
+            let inner = Scripted::new(vec![unavailable]);
+            wrap(&inner, RetryPolicy::default())
+                .stat(&path())
+                .await
+                .unwrap();
+            let gaps = inner.gaps();
+            assert_within(&gaps, &[100 * MS]);
+            first_gaps.push(gaps[0]);
+        }
+        first_gaps.sort();
+        first_gaps.dedup();
+        assert!(
+            first_gaps.len() > 5,
+            "20 retries waited only {first_gaps:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_waits_for_retry_after_and_keeps_backing_off() {
+        let policy = RetryPolicy {
+            max_attempts: 4,
+            initial_backoff: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(10),
+        };
+        let inner = Scripted::new(vec![throttled; 3]);
+        wrap(&inner, policy.clone()).stat(&path()).await.unwrap();
+        let gaps = inner.gaps();
+        // Retry-After 3 s is honoured; the doubled backoff takes over once
+        // it is longer (8 s at most after the third failure).
+        assert!(
+            gaps[0] >= Duration::from_secs(3) && gaps[0] <= Duration::from_secs(3),
+            "{gaps:?}"
+        );
+        assert!(
+            gaps[1] >= Duration::from_secs(3) && gaps[1] <= Duration::from_secs(4),
+            "{gaps:?}"
+        );
+        assert!(
+            gaps[2] >= Duration::from_secs(4) && gaps[2] <= Duration::from_secs(8),
+            "{gaps:?}"
+        );
+
+        // Without a hint, throttling backs off like any transient failure.
+        let inner = Scripted::new(vec![throttled_no_hint]);
+        wrap(&inner, policy.clone()).stat(&path()).await.unwrap();
+        assert_within(&inner.gaps(), &[Duration::from_secs(2)]);
+
+        // A Retry-After past the cap is waited for the cap.
+        let inner = Scripted::new(vec![throttled]);
+        let capped = wrap(
+            &inner,
+            RetryPolicy {
+                initial_backoff: 10 * MS,
+                ..policy
+            },
+        )
+        .with_max_throttle_wait(Duration::from_secs(1));
+        capped.stat(&path()).await.unwrap();
+        assert_eq!(inner.gaps(), [Duration::from_secs(1)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_wait_is_started_past_the_deadline() {
+        // Retry-After 3 s does not fit a 2 s read timeout: the caller hears
+        // "throttled" at once instead of its own timeout later.
+        let inner = Scripted::new(vec![throttled, throttled]);
+        let origin = wrap(&inner, RetryPolicy::default()).with_deadline(Duration::from_secs(2));
+        let start = Instant::now();
+        let err = origin
+            .read_range(&path(), &version(), 0, 4)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, OriginError::Throttled { .. }), "{err}");
+        assert_eq!(inner.count(), 1);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+
+        // Short waits that fit are still taken.
+        let inner = Scripted::new(vec![unavailable, unavailable]);
+        let origin = wrap(&inner, RetryPolicy::default()).with_deadline(Duration::from_secs(2));
+        origin.read_range(&path(), &version(), 0, 4).await.unwrap();
+        assert_eq!(inner.count(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bad_credentials_are_not_retried() {
+        let inner = Scripted::new(vec![access_denied, unavailable]);
+        let err = wrap(&inner, RetryPolicy::default())
+            .list(&OriginPath::root())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, OriginError::AccessDenied { .. }), "{err}");
+        assert_eq!(inner.count(), 1);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn retryable_failures_are_retried_with_exponential_backoff() {
         let inner = Scripted::new(vec![unavailable, unavailable]);
@@ -274,8 +485,8 @@ mod tests {
         let took = start.elapsed();
         assert_eq!(&data[..], b"flac");
         assert_eq!(inner.count(), 3);
-        assert_eq!(inner.gaps(), [100 * MS, 200 * MS]);
-        assert!(took >= 300 * MS && took < 302 * MS, "took {took:?}");
+        assert_within(&inner.gaps(), &[100 * MS, 200 * MS]);
+        assert!(took >= 150 * MS && took <= 300 * MS, "took {took:?}");
     }
 
     #[tokio::test(start_paused = true)]
@@ -315,7 +526,7 @@ mod tests {
         assert!(err.is_retryable());
         assert_eq!(inner.count(), 3);
         let took = start.elapsed();
-        assert!(took >= 300 * MS && took < 302 * MS, "took {took:?}");
+        assert!(took >= 150 * MS && took <= 300 * MS, "took {took:?}");
     }
 
     #[tokio::test(start_paused = true)]
@@ -327,7 +538,7 @@ mod tests {
         };
         let inner = Scripted::new(vec![unavailable; 4]);
         wrap(&inner, policy).stat(&path()).await.unwrap();
-        assert_eq!(inner.gaps(), [100 * MS, 200 * MS, 250 * MS, 250 * MS]);
+        assert_within(&inner.gaps(), &[100 * MS, 200 * MS, 250 * MS, 250 * MS]);
 
         let policy = RetryPolicy {
             max_attempts: 0,

@@ -36,6 +36,7 @@ use bytes::Bytes;
 
 use crate::{
     DirEntry, DynOrigin, EntryMeta, FileVersion, Origin, OriginError, OriginId, OriginPath, Result,
+    WholeDigest,
 };
 
 /// An origin that reports a vanished root as unavailable (see the module
@@ -206,6 +207,10 @@ impl Origin for RootGuard {
 
     fn supports_range_reads(&self) -> bool {
         self.inner.supports_range_reads()
+    }
+
+    fn whole_digest(&self, path: &OriginPath, version: &FileVersion) -> Option<WholeDigest> {
+        self.inner.whole_digest(path, version)
     }
 }
 
