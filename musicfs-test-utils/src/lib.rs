@@ -7,19 +7,26 @@
 //! - [`make_library`] and friends build real FLAC/MP3 trees on disk, cached
 //!   per machine because generating audio is slow.
 //!
+//! - [`servers`] starts real S3 (SeaweedFS), SFTP (OpenSSH) and WebDAV
+//!   (rclone) servers on loopback for the remote-origin tests.
+//!
 //! Everything here exists to be used by tests; nothing here is used by the
 //! filesystem itself. The resilience suite lives in this crate's `tests/`.
 
+pub mod error;
 pub mod faulty;
 pub mod library;
 pub mod mem;
+pub mod servers;
 
+pub use error::{FixtureError, Result};
 pub use faulty::{Fault, FaultyOrigin, Ops, OriginStats};
 pub use library::{
     copy_tree, corpus_tool, library_files, make_library, pseudo_random_bytes, write_file,
     LibrarySpec,
 };
 pub use mem::MemOrigin;
+pub use servers::{DavServer, RemoteServer, S3Server, SftpServer};
 
 use musicfs_origins::{Origin, OriginPath};
 
