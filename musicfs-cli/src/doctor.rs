@@ -146,7 +146,17 @@ pub fn run(cache_dir: PathBuf, mountpoint: Option<PathBuf>) -> Result<ExitCode> 
         }
     } else if let Some(info) = read_mount_info(&cache_dir) {
         for o in info.origins {
-            let root = probe_root(&o.location, Duration::from_secs(5));
+            if musicfs_origins::remote::is_remote_url(&o.location) {
+                // Its credentials and settings live in the mount's config,
+                // not in the record; a running mount checks it.
+                r.ok(format!(
+                    "origin {} ({}): remote; its health is checked while a mount runs \
+                     (`musicfs status`)",
+                    o.name, o.location
+                ));
+                continue;
+            }
+            let root = probe_root(Path::new(&o.location), Duration::from_secs(5));
             let vanished = match &root {
                 Some(Ok(RootSeen::Empty)) => Some("empty"),
                 Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Some("missing"),
@@ -159,37 +169,29 @@ pub fn run(cache_dir: PathBuf, mountpoint: Option<PathBuf>) -> Result<ExitCode> 
                      the NAS looks unmounted; mount it (`musicfs mount` serves the cached tree \
                      meanwhile and rejoins by itself), or if you emptied it on purpose run \
                      `musicfs forget {}`",
-                    o.name,
-                    o.location.display(),
-                    o.name
+                    o.name, o.location, o.name
                 ));
                 continue;
             }
             match root {
-                Some(Ok(RootSeen::Entries)) => r.ok(format!(
-                    "origin {} ({}): reachable",
-                    o.name,
-                    o.location.display()
-                )),
+                Some(Ok(RootSeen::Entries)) => {
+                    r.ok(format!("origin {} ({}): reachable", o.name, o.location))
+                }
                 Some(Ok(RootSeen::Empty)) => r.ok(format!(
                     "origin {} ({}): reachable, empty",
-                    o.name,
-                    o.location.display()
+                    o.name, o.location
                 )),
                 Some(Ok(RootSeen::NotDir)) => r.act(format!(
                     "origin {} ({}): not a directory",
-                    o.name,
-                    o.location.display()
+                    o.name, o.location
                 )),
                 Some(Err(e)) => r.act(format!(
                     "origin {} ({}): {e}; check the NAS/mount",
-                    o.name,
-                    o.location.display()
+                    o.name, o.location
                 )),
                 None => r.act(format!(
                     "origin {} ({}): no answer within 5 s; the NAS may be hung",
-                    o.name,
-                    o.location.display()
+                    o.name, o.location
                 )),
             }
         }

@@ -7,6 +7,7 @@
 mod doctor;
 mod forget;
 mod mount;
+mod origins;
 mod output;
 mod placement;
 mod reload;

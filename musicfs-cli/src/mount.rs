@@ -21,13 +21,12 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use musicfs_cas::{Cache, CacheConfig};
 use musicfs_fuse::{FsConfig, MusicFs};
-use musicfs_origins::{
-    fds, DynOrigin, HealthMonitor, LocalOrigin, OriginPath, RetryOrigin, RetryPolicy, RootGuard,
-};
+use musicfs_origins::{fds, DynOrigin, HealthMonitor, LocalOrigin};
 use tracing::{info, warn};
 
-use crate::config::{self, FileConfig, OriginSpec, UsageError};
+use crate::config::{self, FileConfig, Location, OriginSpec, UsageError};
 use crate::lock::CacheLock;
+use crate::origins::{self, cached_root, StackParts};
 use crate::output::say;
 use crate::placement;
 use crate::reload::Reloader;
@@ -37,7 +36,7 @@ use crate::status::{self, MountInfo, OriginInfo};
 pub struct MountArgs {
     /// Where the library appears (an existing, empty directory).
     pub mountpoint: PathBuf,
-    /// An origin as [NAME=]LOCATION; LOCATION is a directory. Repeatable. NAME defaults to the directory's last component.
+    /// An origin as [NAME=]LOCATION. LOCATION is a directory, s3://BUCKET[/PREFIX], sftp://[USER@]HOST[:PORT]/PATH, dav://HOST[:PORT]/PATH or davs://… (WebDAV over TLS); settings of a remote origin (endpoint, region, user, password, timeout, connections) go in the config file's [origin.NAME] table. Repeatable. NAME defaults to the last path component (else the bucket or host).
     #[arg(long = "origin", value_name = "[NAME=]LOCATION")]
     pub origins: Vec<String>,
     /// Cache directory [default: $XDG_CACHE_HOME/musicfs or ~/.cache/musicfs]
@@ -93,18 +92,22 @@ pub(crate) fn settings(args: MountArgs) -> Result<Settings, UsageError> {
         None => FileConfig::default(),
     };
     let specs = if args.origins.is_empty() {
-        file.origins.clone()
+        let mut specs = file.origins.clone();
+        specs.extend(config::origins_from_tables(&file.origin));
+        specs
     } else {
         args.origins.clone()
     };
     if specs.is_empty() {
         return Err(UsageError(
-            "no origin given: add --origin [NAME=]DIR (or `origins` in the config file)".into(),
+            "no origin given: add --origin [NAME=]DIR or [NAME=]URL (or `origins` in the config \
+             file)"
+                .into(),
         ));
     }
     let mut origins: Vec<OriginSpec> = Vec::new();
     for s in &specs {
-        let o = config::parse_origin(s)?;
+        let o = config::parse_origin(s, &file.origin)?;
         if origins.iter().any(|x| x.name == o.name) {
             return Err(UsageError(format!(
                 "two origins are named '{}': give one of them NAME=",
@@ -169,7 +172,9 @@ pub(crate) fn settings(args: MountArgs) -> Result<Settings, UsageError> {
 /// (NAS down) is resolved as far as it exists.
 pub(crate) fn resolve_origins(s: &mut Settings) {
     for o in &mut s.origins {
-        o.location = placement::resolve(&o.location);
+        if let Location::Dir(dir) = &mut o.location {
+            *dir = placement::resolve(dir);
+        }
     }
 }
 
@@ -221,12 +226,15 @@ fn prepare_mountpoint(mp: &Path) -> Result<()> {
 /// answer is the health monitor's business, not a usage error.
 fn check_origin_paths(origins: &[OriginSpec]) -> Result<(), UsageError> {
     for o in origins {
-        match std::fs::symlink_metadata(&o.location) {
+        let Some(dir) = o.location.dir() else {
+            continue;
+        };
+        match std::fs::symlink_metadata(dir) {
             Ok(m) if !m.is_dir() && !m.file_type().is_symlink() => {
                 return Err(UsageError(format!(
                     "origin {}: {} is not a directory",
                     o.name,
-                    o.location.display()
+                    dir.display()
                 )))
             }
             _ => {}
@@ -267,25 +275,20 @@ fn ignore_sighup_until_handled() {
     }
 }
 
-/// The root listing the cache holds for `origin`; empty when none (or an
-/// empty one) is cached.
-fn cached_root(cache: &Cache, origin: &OriginSpec) -> Vec<musicfs_origins::DirEntry> {
-    match cache.index().listing(&origin.name, &OriginPath::root()) {
-        Ok(Some(listing)) => listing.entries,
-        _ => Vec::new(),
-    }
-}
-
+/// A directory origin whose directory is not there. (A remote origin
+/// that does not answer is not absent: it is down, and served from the
+/// cache until it answers.)
 fn is_absent(origin: &OriginSpec) -> bool {
-    matches!(std::fs::symlink_metadata(&origin.location), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+    origin.location.dir().is_some_and(|dir| {
+        matches!(std::fs::symlink_metadata(dir), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+    })
 }
 
 fn absent_and_uncached(origin: &OriginSpec) -> UsageError {
     UsageError(format!(
         "origin {}: {} does not exist and nothing of it is cached: check the path (or mount \
          the NAS first)",
-        origin.name,
-        origin.location.display()
+        origin.name, origin.location
     ))
 }
 
@@ -314,7 +317,7 @@ fn check_absent_origins(cache: &Cache, origins: &[OriginSpec]) -> Result<(), Usa
         }
         warn!(
             origin = %o.name,
-            location = %o.location.display(),
+            location = %o.location,
             cached_entries = cached,
             "the origin's root is absent: the NAS looks unmounted; serving its cached tree until it is back"
         );
@@ -386,26 +389,14 @@ pub fn run(args: MountArgs, log_flag: Option<String>) -> Result<ExitCode> {
 
     let health = Arc::new(HealthMonitor::new(s.health_timeout));
     let mut origins: Vec<DynOrigin> = Vec::new();
+    let parts = StackParts {
+        cache: &cache,
+        health: &health,
+        fds_per_origin: budget.per_origin,
+    };
     for o in &s.origins {
-        let local: DynOrigin = Arc::new(
-            LocalOrigin::new(o.name.clone(), o.location.clone())
-                .with_max_blocking(budget.per_origin),
-        );
-        // An emptied or absent root while the cache holds the tree is an
-        // unmounted NAS, not an empty library; the guard sits under the
-        // monitor's watch so the health checks see it too.
-        let guard = RootGuard::new(local, o.location.display().to_string());
-        guard.remember_root(&cached_root(&cache, o));
-        // Reads go through the monitor's watch, so a hung NAS shows as
-        // unhealthy `--health-timeout` after a read starts waiting, not
-        // only at the next periodic probe.
-        let local = health.watch(Arc::new(guard));
-        let policy = RetryPolicy {
-            max_attempts: 2,
-            initial_backoff: Duration::from_millis(200),
-            max_backoff: Duration::from_secs(1),
-        };
-        let origin: DynOrigin = Arc::new(RetryOrigin::new(local, policy));
+        let origin = rt.block_on(origins::build(o, &parts))?;
+        info!(origin = %o.name, location = %o.location, "origin");
         cache.add_origin(origin.clone());
         origins.push(origin);
     }
@@ -429,7 +420,7 @@ pub fn run(args: MountArgs, log_flag: Option<String>) -> Result<ExitCode> {
             .iter()
             .map(|o| OriginInfo {
                 name: o.name.to_string(),
-                location: o.location.clone(),
+                location: o.location.to_string(),
             })
             .collect(),
     };

@@ -52,21 +52,25 @@ fn normalise(p: &Path) -> PathBuf {
 /// inside the mountpoint. Both paths must be resolved.
 pub fn refuse_nesting(mountpoint: &Path, origins: &[OriginSpec]) -> Result<(), UsageError> {
     for o in origins {
-        let (name, loc) = (&o.name, o.location.display());
+        // A remote origin cannot nest with a local mountpoint.
+        let Some(dir) = o.location.dir() else {
+            continue;
+        };
+        let (name, loc) = (&o.name, dir.display());
         let mp = mountpoint.display();
-        if mountpoint == o.location {
+        if mountpoint == dir {
             return Err(UsageError(format!(
                 "mountpoint {mp} is the directory of origin {name} itself: choose a mountpoint \
                  outside every origin"
             )));
         }
-        if mountpoint.starts_with(&o.location) {
+        if mountpoint.starts_with(dir) {
             return Err(UsageError(format!(
                 "mountpoint {mp} is inside origin {name} ({loc}): MusicFS would serve itself \
                  to itself; choose a mountpoint outside every origin"
             )));
         }
-        if o.location.starts_with(mountpoint) {
+        if dir.starts_with(mountpoint) {
             return Err(UsageError(format!(
                 "origin {name} ({loc}) is inside the mountpoint {mp}: the mount would hide it; \
                  choose a mountpoint outside every origin"
@@ -105,7 +109,9 @@ mod tests {
     fn origin(name: &str, loc: &str) -> OriginSpec {
         OriginSpec {
             name: OriginId::new(name).unwrap(),
-            location: PathBuf::from(loc),
+            location: crate::config::Location::Dir(PathBuf::from(loc)),
+            timeout: None,
+            connections: None,
         }
     }
 

@@ -23,7 +23,8 @@ pub const MOUNT_INFO: &str = "mount.json";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OriginInfo {
     pub name: String,
-    pub location: PathBuf,
+    /// A directory, or a remote origin's URL (never with a secret).
+    pub location: String,
 }
 
 /// What the mount records about itself in the cache dir, for `status` and
@@ -38,7 +39,7 @@ pub struct MountInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OriginStatus {
     pub name: String,
-    pub location: Option<PathBuf>,
+    pub location: Option<String>,
     pub state: String,
     pub latency_ms: Option<u64>,
     pub last_error: Option<String>,
@@ -315,7 +316,7 @@ pub fn print(r: &StatusReport) {
         let loc = o
             .location
             .as_deref()
-            .map_or_else(String::new, |l| format!(" ({})", l.display()));
+            .map_or_else(String::new, |l| format!(" ({l})"));
         let lat = o
             .latency_ms
             .map_or_else(String::new, |l| format!(", {l} ms"));

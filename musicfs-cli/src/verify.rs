@@ -85,8 +85,14 @@ fn repair_stopped(cache_dir: &Path, bar: &Bar) -> Result<VerifyReport> {
         // Re-fetching missing chunks needs the origins of the last mount.
         if let Some(info) = read_mount_info(cache_dir) {
             for o in info.origins {
+                // A remote origin's settings and credentials are not in the
+                // record: its missing chunks are fetched again when read.
+                if musicfs_origins::remote::is_remote_url(&o.location) {
+                    continue;
+                }
                 if let Ok(id) = OriginId::new(&o.name) {
-                    let origin: DynOrigin = std::sync::Arc::new(LocalOrigin::new(id, o.location));
+                    let origin: DynOrigin =
+                        std::sync::Arc::new(LocalOrigin::new(id, PathBuf::from(o.location)));
                     cache.add_origin(origin);
                 }
             }

@@ -78,12 +78,24 @@ impl Daemon {
     /// Starts `musicfs mount MOUNTPOINT --cache-dir CACHE ARGS...` and waits
     /// until it says it is mounted.
     pub fn start(mountpoint: &Path, cache: &Path, args: &[&str]) -> Daemon {
+        Self::start_with_env(mountpoint, cache, args, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables (credentials of
+    /// a remote origin).
+    pub fn start_with_env(
+        mountpoint: &Path,
+        cache: &Path,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> Daemon {
         let mut child = Command::new(BIN)
             .arg("mount")
             .arg(mountpoint)
             .arg("--cache-dir")
             .arg(cache)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
