@@ -39,6 +39,10 @@ use crate::{
     WholeDigest,
 };
 
+/// Keys asked for per S3 list request (S3's own maximum; WebDAV ignores
+/// it): pages are bounded whatever the server's default.
+const LIST_PAGE: usize = 1000;
+
 /// Which protocol is behind the operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Flavor {
@@ -97,6 +101,7 @@ impl DalOrigin {
             .op
             .lister_with(&dir)
             .recursive(false)
+            .limit(LIST_PAGE)
             .await
             .map_err(|e| self.err(path, &e))?;
         let mut entries = Vec::new();
