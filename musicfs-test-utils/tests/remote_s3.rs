@@ -185,7 +185,7 @@ async fn a_prefix_of_more_than_1000_keys_lists_in_pages() {
 async fn an_overwritten_object_is_changed_never_mixed() {
     let server = start().await;
     let o = origin(&server, &format!("s3://{}", server.bucket())).await;
-    remote::check_changed(&o, server.clone()).await;
+    remote::check_changed(&o, server.clone(), false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

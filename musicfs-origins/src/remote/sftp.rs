@@ -33,6 +33,11 @@
 //!   on the old inode, whose bytes are the version's. The version is size
 //!   and mtime (whole seconds: SFTP v3 has no finer time).
 //! - A read returns exactly `min(len, size - offset)` bytes, or fails.
+//! - Names are UTF-8 (openssh-sftp-client decodes them as such): a path
+//!   that is not is [`OriginError::Unsupported`] without a request, and a
+//!   directory holding such a name fails to list (retryably: the client's
+//!   connection ends with the undecodable answer and the next call opens a
+//!   new one), never lists short and never panics.
 //! - Listings leave out `.`, `..`, and anything but files and directories:
 //!   symlinks are not served on SFTP origins (the server would follow them
 //!   anywhere, and MusicFS never follows a link out of the root).
@@ -244,6 +249,19 @@ impl SftpOrigin {
         }
     }
 
+    /// `path`, when the SFTP client can name it: openssh-sftp-client
+    /// encodes and decodes names as UTF-8 only.
+    fn nameable<'a>(&self, path: &'a OriginPath) -> Result<&'a OriginPath> {
+        if std::str::from_utf8(path.as_bytes()).is_ok() {
+            Ok(path)
+        } else {
+            Err(OriginError::Unsupported {
+                origin: self.id.clone(),
+                what: "SFTP names that are not UTF-8",
+            })
+        }
+    }
+
     /// The server path of `path`.
     fn server_path(&self, path: &OriginPath) -> PathBuf {
         let root = &self.target.root;
@@ -259,6 +277,7 @@ impl SftpOrigin {
     }
 
     pub(crate) async fn list(&self, path: &OriginPath) -> Result<Vec<DirEntry>> {
+        let path = self.nameable(path)?;
         let conn = self.conn().await?;
         let dir = conn
             .sftp
@@ -301,6 +320,7 @@ impl SftpOrigin {
     }
 
     pub(crate) async fn stat(&self, path: &OriginPath) -> Result<EntryMeta> {
+        let path = self.nameable(path)?;
         let conn = self.conn().await?;
         self.stat_on(&conn, path).await
     }
@@ -340,6 +360,7 @@ impl SftpOrigin {
         if want == 0 {
             return Ok(Bytes::new());
         }
+        let path = self.nameable(path)?;
         let conn = self.conn().await?;
         let file = self.open_version(&conn, path, version).await?;
         let result = self.read_exact(&conn, path, &file, offset, want).await;
