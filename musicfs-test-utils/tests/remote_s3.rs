@@ -6,6 +6,8 @@
 //! EC2 metadata is disabled and no AWS key variables are set, so no
 //! request leaves the loopback.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 #[path = "support/counting_proxy.rs"]
 mod counting_proxy;
 #[path = "support/remote.rs"]

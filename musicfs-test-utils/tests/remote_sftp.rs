@@ -2,6 +2,8 @@
 //! through the system `ssh` with the fixture's ssh_config: port, user,
 //! identity and a known_hosts file with `StrictHostKeyChecking yes`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 #[path = "support/remote.rs"]
 mod remote;
 
