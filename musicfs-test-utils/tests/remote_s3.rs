@@ -15,12 +15,13 @@ mod remote;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use counting_proxy::CountingProxy;
 use md5::{Digest, Md5};
 use musicfs_origins::{
     EntryKind, Origin, OriginError, OriginId, OriginPath, RemoteOrigin, RemoteSettings, RemoteSpec,
-    WholeDigest,
+    TimeoutOrigin, WholeDigest,
 };
 use musicfs_test_utils::{RemoteServer, S3Server};
 use remote::{blocking, data, p};
@@ -276,4 +277,37 @@ async fn sequential_calls_reuse_one_connection() {
         "{} connections for 41 sequential requests",
         proxy.connections()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_connection_times_out_and_the_next_call_gets_a_fresh_one() {
+    let server = start().await;
+    remote::put_tree(server.clone()).await;
+    let proxy = CountingProxy::start(server.addr(), b"HTTP/1.1\r\n").await;
+    let mut spec = RemoteSpec::parse(&format!("s3://{}", server.bucket())).unwrap();
+    spec.settings = RemoteSettings {
+        endpoint: Some(format!("http://{}", proxy.addr)),
+        ..settings(&server)
+    };
+    let o = RemoteOrigin::connect(OriginId::new("s3").unwrap(), spec)
+        .await
+        .unwrap();
+    let bounded = TimeoutOrigin::new(Arc::new(o), Duration::from_secs(2));
+    let meta = bounded.stat(&p("lib/a.flac")).await.unwrap();
+    let before = proxy.connections();
+    proxy.set_blackhole(true);
+    let e = bounded
+        .read_range(&p("lib/a.flac"), &meta.version(), 0, 4096)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, OriginError::Timeout { .. }), "{e}");
+    proxy.set_blackhole(false);
+    // The hung connection is not reused: the read answers at once on a new
+    // one (were it queued on the dead one, it would time out again).
+    let got = bounded
+        .read_range(&p("lib/a.flac"), &meta.version(), 0, 4096)
+        .await
+        .unwrap();
+    assert_eq!(got[..], data(1, 300_001)[..4096]);
+    assert!(proxy.connections() > before);
 }

@@ -4,14 +4,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
+#[path = "support/counting_proxy.rs"]
+mod counting_proxy;
 #[path = "support/remote.rs"]
 mod remote;
 
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use counting_proxy::CountingProxy;
 
 use musicfs_origins::{
     EntryKind, Origin, OriginError, OriginId, OriginPath, RemoteOrigin, RemoteSettings, RemoteSpec,
+    TimeoutOrigin,
 };
 use musicfs_test_utils::{RemoteServer, SftpServer};
 use remote::{blocking, data, p};
@@ -219,4 +225,66 @@ async fn the_origin_starts_while_sshd_is_down() {
     }
     remote::wait_for("sshd", || async { o.health().await.ok() }).await;
     assert_eq!(o.stat(&p("lib/Album/02.flac")).await.unwrap().size, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_connection_is_replaced_after_a_timeout() {
+    let server = start().await;
+    remote::put_tree(server.clone()).await;
+    let proxy = CountingProxy::start(server.addr(), b"").await;
+    // Through the proxy's port, checking the server's real host key.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ssh_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Host 127.0.0.1\n  User {user}\n  IdentityFile {key}\n  IdentitiesOnly yes\n  \
+             UserKnownHostsFile {kh}\n  GlobalKnownHostsFile /dev/null\n  \
+             StrictHostKeyChecking yes\n  HostKeyAlias [127.0.0.1]:{port}\n  LogLevel ERROR\n",
+            user = server.user(),
+            key = server.private_key().display(),
+            kh = server.known_hosts().display(),
+            port = server.addr().port(),
+        ),
+    )
+    .unwrap();
+    let url = format!(
+        "sftp://{}@{}{}",
+        server.user(),
+        proxy.addr,
+        server.root().display()
+    );
+    let mut spec = RemoteSpec::parse(&url).unwrap();
+    spec.settings = RemoteSettings {
+        ssh_config: Some(config),
+        ..RemoteSettings::default()
+    };
+    let o = RemoteOrigin::connect(OriginId::new("nas").unwrap(), spec)
+        .await
+        .unwrap();
+    let bounded = TimeoutOrigin::new(Arc::new(o), Duration::from_secs(2));
+    let meta = bounded.stat(&p("lib/a.flac")).await.unwrap();
+    assert_eq!(proxy.connections(), 1);
+    proxy.set_blackhole(true);
+    let e = bounded
+        .read_range(&p("lib/a.flac"), &meta.version(), 0, 4096)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, OriginError::Timeout { .. }), "{e}");
+    proxy.set_blackhole(false);
+    let back = Instant::now();
+    let got = remote::wait_for("a read on a fresh connection", || async {
+        bounded
+            .read_range(&p("lib/a.flac"), &meta.version(), 0, 4096)
+            .await
+            .ok()
+    })
+    .await;
+    eprintln!(
+        "recovered {:?} after the blackhole ended, {} connections",
+        back.elapsed(),
+        proxy.connections()
+    );
+    assert_eq!(got[..], data(1, 300_001)[..4096]);
+    assert_eq!(proxy.connections(), 2, "one new connection, not a storm");
 }
