@@ -311,3 +311,54 @@ async fn a_hung_connection_times_out_and_the_next_call_gets_a_fresh_one() {
     assert_eq!(got[..], data(1, 300_001)[..4096]);
     assert!(proxy.connections() > before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_markers_are_directories_never_files() {
+    let server = start().await;
+    remote::put_tree(server.clone()).await;
+    // rclone's directory markers: zero-byte objects "empty/" and "lib/Album/".
+    for dir in ["empty", "lib/Album"] {
+        let s = server.clone();
+        let target = format!("{}/{dir}", s.rclone_bucket());
+        let out = blocking(move || {
+            s.rclone()
+                .args(["mkdir", "--s3-directory-markers"])
+                .arg(target)
+                .output()
+                .unwrap()
+        })
+        .await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let keys = {
+        let s = server.clone();
+        blocking(move || s.list("").unwrap()).await
+    };
+    let o = origin(&server, &format!("s3://{}", server.bucket())).await;
+    let root = o.list(&OriginPath::root()).await.unwrap();
+    let kinds: Vec<_> = root
+        .iter()
+        .map(|e| (e.name.to_string_lossy().into_owned(), e.meta.kind))
+        .collect();
+    assert!(
+        kinds.contains(&("empty".into(), EntryKind::Dir)),
+        "{kinds:?} (keys {keys:?})"
+    );
+    assert!(
+        kinds
+            .iter()
+            .all(|(n, _)| !n.is_empty() && !n.ends_with('/')),
+        "{kinds:?}"
+    );
+    // An empty directory exists (its marker says so) and lists empty.
+    assert!(o.list(&p("empty")).await.unwrap().is_empty());
+    assert_eq!(o.stat(&p("empty")).await.unwrap().kind, EntryKind::Dir);
+    // A marker beside real keys adds no entry.
+    let album = o.list(&p("lib/Album")).await.unwrap();
+    assert_eq!(album.len(), 2, "{album:?}");
+    assert!(album.iter().all(|e| e.meta.kind == EntryKind::File));
+}
