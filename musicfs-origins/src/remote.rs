@@ -23,6 +23,8 @@
 //!   refused host keys permanent ([`OriginError::AccessDenied`]).
 //! - No secret reaches a log, an error or [`RemoteSpec::redacted`].
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use async_trait::async_trait;
@@ -52,7 +54,7 @@ pub struct RemoteOrigin {
 #[derive(Debug)]
 enum Inner {
     Dal(DalOrigin),
-    Sftp(Box<SftpOrigin>),
+    Sftp(Arc<SftpOrigin>),
 }
 
 /// OpenDAL's HTTP services need a process-wide transport (reqwest with
@@ -86,7 +88,7 @@ impl RemoteOrigin {
                 host,
                 port,
                 root,
-            } => Inner::Sftp(Box::new(SftpOrigin::new(
+            } => Inner::Sftp(Arc::new(SftpOrigin::new(
                 id,
                 Target {
                     user,

@@ -39,6 +39,13 @@ use crate::{
     WholeDigest,
 };
 
+/// Keys asked for per S3 list request (S3's own maximum; WebDAV ignores
+/// it): pages are bounded whatever the server's default.
+const LIST_PAGE: usize = 1000;
+
+/// What a WebDAV health check asks about; it need not exist.
+const HEALTH_PROBE: &str = ".musicfs-health-probe";
+
 /// Which protocol is behind the operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Flavor {
@@ -97,6 +104,7 @@ impl DalOrigin {
             .op
             .lister_with(&dir)
             .recursive(false)
+            .limit(LIST_PAGE)
             .await
             .map_err(|e| self.err(path, &e))?;
         let mut entries = Vec::new();
@@ -287,9 +295,8 @@ impl DalOrigin {
         }
     }
 
-    /// One cheap request with a real answer: S3 lists one key of the root
-    /// (a stat of the root would need no request at all); WebDAV asks for
-    /// the root collection's own properties.
+    /// One cheap request with a real answer: S3 lists one key of the root;
+    /// WebDAV asks for the properties of one name in the root.
     pub(crate) async fn health(&self) -> Result<()> {
         let root = OriginPath::root();
         match self.flavor {
@@ -303,20 +310,12 @@ impl DalOrigin {
                 lister.try_next().await.map_err(|e| self.err(&root, &e))?;
                 Ok(())
             }
-            Flavor::WebDav => match self.op.stat("/").await {
-                Ok(md) if md.mode() == EntryMode::DIR => Ok(()),
-                Ok(_) => Err(OriginError::WrongKind {
-                    origin: self.id.clone(),
-                    path: root.to_string(),
-                    expected: "directory",
-                }),
-                // A missing root is a problem of the mount, not "no file".
-                Err(e) if e.kind() == opendal::ErrorKind::NotFound => {
-                    Err(OriginError::Unavailable {
-                        origin: self.id.clone(),
-                        reason: "the root folder does not exist on the server".into(),
-                    })
-                }
+            // OpenDAL answers a stat of "/" itself, without a request; a
+            // PROPFIND (Depth 0) of a name that is never there is the
+            // cheapest real question: "not found" is an answer.
+            Flavor::WebDav => match self.op.stat(HEALTH_PROBE).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == opendal::ErrorKind::NotFound => Ok(()),
                 Err(e) => Err(self.err(&root, &e)),
             },
         }

@@ -13,7 +13,8 @@
 //! - Credentials come from reqsign's default chain (environment keys,
 //!   the shared config and credentials files for the profile, SSO, web
 //!   identity, `credential_process`, ECS, EC2 metadata unless
-//!   `AWS_EC2_METADATA_DISABLED`). Its signer caches a credential and loads
+//!   `AWS_EC2_METADATA_DISABLED`, and never with an endpoint set: an
+//!   S3-compatible store takes no instance credentials). Its signer caches a credential and loads
 //!   a new one when the cached one expires within two minutes, so
 //!   temporary credentials are refreshed before they lapse.
 //! - Path-style addressing with an endpoint (SeaweedFS, MinIO, Ceph have
@@ -133,7 +134,9 @@ pub(crate) fn operator(
         .root(&format!("/{prefix}"))
         .region(&plan.region);
     if let Some(endpoint) = &plan.endpoint {
-        builder = builder.endpoint(endpoint);
+        // An S3-compatible store takes no EC2 instance credentials, and
+        // probing the metadata address off EC2 only delays the error.
+        builder = builder.endpoint(endpoint).disable_ec2_metadata();
     }
     if let Some(profile) = &settings.profile {
         builder = builder.profile(profile);

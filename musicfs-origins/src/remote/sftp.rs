@@ -33,6 +33,15 @@
 //!   on the old inode, whose bytes are the version's. The version is size
 //!   and mtime (whole seconds: SFTP v3 has no finer time).
 //! - A read returns exactly `min(len, size - offset)` bytes, or fails.
+//! - A call its caller gave up on (a timeout) puts the connection under
+//!   suspicion: one stat must answer within a few seconds or the
+//!   connection is dropped, so a hung connection is replaced by a fresh one
+//!   at the next attempt rather than after ssh's keepalives (15 s).
+//! - Names are UTF-8 (openssh-sftp-client decodes them as such): a path
+//!   that is not is [`OriginError::Unsupported`] without a request, and a
+//!   directory holding such a name fails to list (retryably: the client's
+//!   connection ends with the undecodable answer and the next call opens a
+//!   new one), never lists short and never panics.
 //! - Listings leave out `.`, `..`, and anything but files and directories:
 //!   symlinks are not served on SFTP origins (the server would follow them
 //!   anywhere, and MusicFS never follows a link out of the root).
@@ -66,6 +75,8 @@ const ALIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// Bytes asked for by one SFTP read request; larger reads are split and
 /// sent together, so a read of several requests costs one round trip.
 const READ_REQUEST: u64 = 256 * 1024;
+/// How long a connection under suspicion may take to answer a stat.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Server-side handles kept open for files being read.
 const KEPT_HANDLES: usize = 16;
 
@@ -244,6 +255,19 @@ impl SftpOrigin {
         }
     }
 
+    /// `path`, when the SFTP client can name it: openssh-sftp-client
+    /// encodes and decodes names as UTF-8 only.
+    fn nameable<'a>(&self, path: &'a OriginPath) -> Result<&'a OriginPath> {
+        if std::str::from_utf8(path.as_bytes()).is_ok() {
+            Ok(path)
+        } else {
+            Err(OriginError::Unsupported {
+                origin: self.id.clone(),
+                what: "SFTP names that are not UTF-8",
+            })
+        }
+    }
+
     /// The server path of `path`.
     fn server_path(&self, path: &OriginPath) -> PathBuf {
         let root = &self.target.root;
@@ -258,20 +282,28 @@ impl SftpOrigin {
         p
     }
 
-    pub(crate) async fn list(&self, path: &OriginPath) -> Result<Vec<DirEntry>> {
+    pub(crate) async fn list(self: &Arc<Self>, path: &OriginPath) -> Result<Vec<DirEntry>> {
+        let path = self.nameable(path)?;
         let conn = self.conn().await?;
+        let watch = Watch::new(self, &conn);
+        let result = self.list_on(&conn, path).await;
+        watch.finished();
+        result
+    }
+
+    async fn list_on(&self, conn: &Conn, path: &OriginPath) -> Result<Vec<DirEntry>> {
         let dir = conn
             .sftp
             .fs()
             .open_dir(self.server_path(path))
             .await
-            .map_err(|e| self.lost(Some(&conn), path, e));
+            .map_err(|e| self.lost(Some(conn), path, e));
         let dir = match dir {
             Ok(dir) => dir,
             // A file is no directory; v3 servers say only "failure".
             Err(OriginError::Unavailable { .. }) | Err(OriginError::NotFound { .. })
                 if self
-                    .stat_on(&conn, path)
+                    .stat_on(conn, path)
                     .await
                     .is_ok_and(|m| m.kind != EntryKind::Dir) =>
             {
@@ -286,7 +318,7 @@ impl SftpOrigin {
         let mut entries = Vec::new();
         let mut stream = Box::pin(dir.read_dir());
         while let Some(entry) = stream.next().await {
-            let entry = entry.map_err(|e| self.lost(Some(&conn), path, e))?;
+            let entry = entry.map_err(|e| self.lost(Some(conn), path, e))?;
             let name = entry.filename().as_os_str();
             if name == "." || name == ".." || !OriginPath::is_valid_name(name) {
                 continue;
@@ -300,9 +332,13 @@ impl SftpOrigin {
         Ok(entries)
     }
 
-    pub(crate) async fn stat(&self, path: &OriginPath) -> Result<EntryMeta> {
+    pub(crate) async fn stat(self: &Arc<Self>, path: &OriginPath) -> Result<EntryMeta> {
+        let path = self.nameable(path)?;
         let conn = self.conn().await?;
-        self.stat_on(&conn, path).await
+        let watch = Watch::new(self, &conn);
+        let result = self.stat_on(&conn, path).await;
+        watch.finished();
+        result
     }
 
     async fn stat_on(&self, conn: &Conn, path: &OriginPath) -> Result<EntryMeta> {
@@ -330,7 +366,7 @@ impl SftpOrigin {
     }
 
     pub(crate) async fn read_range(
-        &self,
+        self: &Arc<Self>,
         path: &OriginPath,
         version: &FileVersion,
         offset: u64,
@@ -340,12 +376,27 @@ impl SftpOrigin {
         if want == 0 {
             return Ok(Bytes::new());
         }
+        let path = self.nameable(path)?;
         let conn = self.conn().await?;
-        let file = self.open_version(&conn, path, version).await?;
-        let result = self.read_exact(&conn, path, &file, offset, want).await;
+        let watch = Watch::new(self, &conn);
+        let result = self.read_on(&conn, path, version, offset, want).await;
+        watch.finished();
+        result
+    }
+
+    async fn read_on(
+        &self,
+        conn: &Conn,
+        path: &OriginPath,
+        version: &FileVersion,
+        offset: u64,
+        want: u64,
+    ) -> Result<Bytes> {
+        let file = self.open_version(conn, path, version).await?;
+        let result = self.read_exact(conn, path, &file, offset, want).await;
         // After the bytes: the handle still holds the version, or the read
         // may have overlapped a rewrite.
-        let check = self.check_handle(&conn, path, version, &file).await;
+        let check = self.check_handle(conn, path, version, &file).await;
         match (result, check) {
             (Ok(buf), Ok(())) => Ok(buf),
             (_, Err(e)) | (Err(e), _) => {
@@ -477,7 +528,7 @@ impl SftpOrigin {
 
     /// Connects if needed, then one stat of the root: one round trip on a
     /// live connection.
-    pub(crate) async fn health(&self) -> Result<()> {
+    pub(crate) async fn health(self: &Arc<Self>) -> Result<()> {
         let root = OriginPath::root();
         match self.stat(&root).await {
             Ok(meta) if meta.kind == EntryKind::Dir => Ok(()),
@@ -495,6 +546,63 @@ impl SftpOrigin {
             }),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// Notices a call given up while it waited on the connection (the caller's
+/// timeout dropped it): the connection may be hung, so it is asked a cheap
+/// question in the background, and dropped when that gets no answer within
+/// [`PROBE_TIMEOUT`]. The next call then connects afresh instead of
+/// queueing on a dead connection until ssh's keepalives notice.
+struct Watch {
+    origin: Arc<SftpOrigin>,
+    conn: Arc<Conn>,
+    armed: bool,
+}
+
+impl Watch {
+    fn new(origin: &Arc<SftpOrigin>, conn: &Arc<Conn>) -> Self {
+        Self {
+            origin: Arc::clone(origin),
+            conn: Arc::clone(conn),
+            armed: true,
+        }
+    }
+
+    /// The call ended (with an answer or an error): nothing to check.
+    fn finished(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let origin = Arc::clone(&self.origin);
+        let conn = Arc::clone(&self.conn);
+        runtime.spawn(async move {
+            let mut fs = conn.sftp.fs();
+            let probe = fs.metadata(origin.server_path(&OriginPath::root()));
+            match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+                Ok(Ok(_)) | Ok(Err(SftpError::SftpError(..))) => {}
+                Ok(Err(e)) => {
+                    tracing::info!(origin = %origin.id, error = %e, "the SFTP connection failed");
+                    origin.drop_conn(conn.generation);
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        origin = %origin.id,
+                        "the SFTP connection does not answer; opening a new one"
+                    );
+                    origin.drop_conn(conn.generation);
+                }
+            }
+        });
     }
 }
 
