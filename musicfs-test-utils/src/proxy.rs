@@ -8,7 +8,8 @@
 //!   flight), so the round trip is `2 × delay`; a new connection also pays
 //!   the TCP handshake a real link costs (see [`ProxyConfig::handshake`]);
 //! - **rate**: a bandwidth cap in bytes/s per direction, *shared by all
-//!   connections* like one link, chunks sent first come first served;
+//!   connections* like one link, chunks sent first come first served (an
+//!   idle link may send a burst of [`RATE_SLACK`] × rate);
 //! - **cut**: each connection is closed (FIN) after exactly N bytes reached
 //!   the client;
 //! - **reset**: every open connection is reset now (RST, both sides);
@@ -43,6 +44,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::error::{FixtureError, IoContext, Result};
+pub use pace::RATE_SLACK;
 use pace::{Dir, Link};
 
 /// How a switch of [`Mode`] is awaited at most before it is reported as
