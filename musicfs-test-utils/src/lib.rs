@@ -9,6 +9,9 @@
 //!
 //! - [`servers`] starts real S3 (SeaweedFS), SFTP (OpenSSH) and WebDAV
 //!   (rclone) servers on loopback for the remote-origin tests.
+//! - [`proxy`] is a TCP proxy that adds delay, a bandwidth cap, cuts,
+//!   resets, blackholes and refusals between a client and such a server
+//!   (also as the `musicfs-proxy` binary for scripts).
 //!
 //! Everything here exists to be used by tests; nothing here is used by the
 //! filesystem itself. The resilience suite lives in this crate's `tests/`.
@@ -17,6 +20,7 @@ pub mod error;
 pub mod faulty;
 pub mod library;
 pub mod mem;
+pub mod proxy;
 pub mod servers;
 
 pub use error::{FixtureError, Result};
@@ -26,6 +30,7 @@ pub use library::{
     LibrarySpec,
 };
 pub use mem::MemOrigin;
+pub use proxy::{Mode, Proxy, ProxyConfig, ProxyHandle, ProxyStats};
 pub use servers::{DavServer, RemoteServer, S3Server, SftpServer};
 
 use musicfs_origins::{Origin, OriginPath};

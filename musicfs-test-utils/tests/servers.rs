@@ -281,3 +281,66 @@ fn webdav_etags_can_be_content_hashes() {
     let md5 = md5.split_whitespace().next().unwrap();
     assert_eq!(get.header("etag"), Some(format!("\"{md5}\"").as_str()));
 }
+
+#[test]
+fn each_server_answers_through_the_fault_injecting_proxy() {
+    use musicfs_test_utils::{Mode, Proxy, ProxyConfig};
+    let via = |upstream: SocketAddr| {
+        Proxy::start_background(
+            upstream,
+            ProxyConfig {
+                delay: Duration::from_millis(10),
+                ..ProxyConfig::default()
+            },
+        )
+        .unwrap()
+    };
+    let data = pseudo_random_bytes(300_000, 11);
+
+    // S3: rclone signs for the proxy's host:port, the server checks it.
+    let s3 = S3Server::start().unwrap();
+    s3.put("a.bin", &data).unwrap();
+    let p = via(s3.addr());
+    let out = s3
+        .rclone()
+        .env(
+            "RCLONE_CONFIG_MUSICFS_S3_ENDPOINT",
+            format!("http://{}", p.addr()),
+        )
+        .arg("cat")
+        .arg(format!("{}/a.bin", s3.rclone_bucket()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout == data);
+    assert!(p.stats().bytes_down >= data.len() as u64);
+
+    // SFTP: the client checks the host key under the proxy's port.
+    let sftp = SftpServer::start().unwrap();
+    sftp.put("a.bin", &data).unwrap();
+    let p = via(sftp.addr());
+    let cfg = sftp.ssh_config_via(p.addr().port()).unwrap();
+    let listing = sftp.sftp_batch_with_config(&cfg, "ls -l a.bin\n").unwrap();
+    assert!(listing.contains("300000"), "{listing}");
+    assert!(p.stats().accepted >= 1);
+    // With the proxy refusing, the same command fails.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(p.set_mode(Mode::Refuse)).unwrap();
+    assert!(sftp.sftp_batch_with_config(&cfg, "ls\n").is_err());
+
+    // WebDAV.
+    let dav = DavServer::start().unwrap();
+    dav.put("a.bin", &data).unwrap();
+    let p = via(dav.addr());
+    let auth = musicfs_test_utils::servers::basic_auth(dav.user(), dav.password());
+    let get = http_request(p.addr(), "GET", "/a.bin", &[("Authorization", &auth)], b"").unwrap();
+    assert_eq!(get.status, 200);
+    assert!(get.body == data);
+}

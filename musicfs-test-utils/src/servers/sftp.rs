@@ -160,9 +160,43 @@ impl SftpServer {
                 .map_or("custom".into(), |n| n.to_string_lossy())
         );
         let path = self.dir.path().join(name);
-        std::fs::write(&path, self.ssh_config_text(known_hosts))
+        std::fs::write(&path, self.ssh_config_text(self.port, known_hosts))
             .ctx(|| format!("writing {}", path.display()))?;
         Ok(path)
+    }
+
+    /// For clients that reach the server through something listening on
+    /// another loopback `port` (the fault-injecting proxy): adds the
+    /// server's key for `[127.0.0.1]:port` to [`known_hosts`](Self::known_hosts)
+    /// (and the other key to [`wrong_known_hosts`](Self::wrong_known_hosts)),
+    /// and writes and returns an ssh_config like
+    /// [`ssh_config`](Self::ssh_config) that connects to `port`.
+    pub fn ssh_config_via(&self, port: u16) -> Result<PathBuf> {
+        use std::io::Write;
+        for (file, key) in [
+            (self.known_hosts(), "host_key.pub"),
+            (self.wrong_known_hosts(), "other_host_key.pub"),
+        ] {
+            let line = self.known_host_line(port, key)?;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&file)
+                .and_then(|mut f| f.write_all(line.as_bytes()))
+                .ctx(|| format!("adding port {port} to {}", file.display()))?;
+        }
+        let path = self.dir.path().join(format!("ssh_config.port-{port}"));
+        std::fs::write(&path, self.ssh_config_text(port, &self.known_hosts()))
+            .ctx(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// A known_hosts line giving `[127.0.0.1]:port` the public key in
+    /// `key_file`.
+    fn known_host_line(&self, port: u16, key_file: &str) -> Result<String> {
+        let path = self.dir.path().join(key_file);
+        let public =
+            std::fs::read_to_string(&path).ctx(|| format!("reading {}", path.display()))?;
+        Ok(format!("[127.0.0.1]:{port} {}\n", public.trim()))
     }
 
     /// Runs `sftp -F <ssh_config> -b - musicfs-sftp` with `batch` on stdin
@@ -190,7 +224,7 @@ impl SftpServer {
         self.store.rewrite_in_place(key, data)
     }
 
-    fn ssh_config_text(&self, known_hosts: &Path) -> String {
+    fn ssh_config_text(&self, port: u16, known_hosts: &Path) -> String {
         format!(
             "Host {HOST_ALIAS} 127.0.0.1\n\
              \x20 HostName 127.0.0.1\n\
@@ -207,7 +241,6 @@ impl SftpServer {
              \x20 KbdInteractiveAuthentication no\n\
              \x20 ConnectTimeout 10\n\
              \x20 LogLevel ERROR\n",
-            port = self.port,
             user = self.user,
             key = self.private_key().display(),
             kh = known_hosts.display(),
@@ -253,7 +286,10 @@ impl SftpServer {
         };
         write("known_hosts", host_line("host_key.pub")?)?;
         write("wrong_known_hosts", host_line("other_host_key.pub")?)?;
-        write("ssh_config", self.ssh_config_text(&self.known_hosts()))
+        write(
+            "ssh_config",
+            self.ssh_config_text(self.port, &self.known_hosts()),
+        )
     }
 
     /// Starts sshd and waits for its SSH banner.
