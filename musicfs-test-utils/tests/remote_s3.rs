@@ -30,6 +30,7 @@ use remote::{blocking, data, p};
 struct Profiles {
     dir: tempfile::TempDir,
     text: String,
+    config: String,
 }
 
 fn profiles() -> &'static Mutex<Profiles> {
@@ -59,6 +60,7 @@ fn profiles() -> &'static Mutex<Profiles> {
         Mutex::new(Profiles {
             dir,
             text: String::new(),
+            config: String::new(),
         })
     })
 }
@@ -73,6 +75,16 @@ fn add_profile(name: &str, key: &str, secret: &str) {
     let mut tmp = tempfile::NamedTempFile::new_in(p.dir.path()).unwrap();
     tmp.write_all(p.text.as_bytes()).unwrap();
     tmp.persist(p.dir.path().join("credentials")).unwrap();
+}
+
+/// Adds `[profile NAME]` with these lines to the shared config file.
+fn add_config_profile(name: &str, lines: &str) -> std::path::PathBuf {
+    let mut p = profiles().lock().unwrap();
+    p.config.push_str(&format!("[profile {name}]\n{lines}\n"));
+    let mut tmp = tempfile::NamedTempFile::new_in(p.dir.path()).unwrap();
+    tmp.write_all(p.config.as_bytes()).unwrap();
+    tmp.persist(p.dir.path().join("config")).unwrap();
+    p.dir.path().to_owned()
 }
 
 async fn start() -> Arc<S3Server> {
@@ -361,4 +373,47 @@ async fn directory_markers_are_directories_never_files() {
     let album = o.list(&p("lib/Album")).await.unwrap();
     assert_eq!(album.len(), 2, "{album:?}");
     assert!(album.iter().all(|e| e.meta.kind == EntryKind::File));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiring_credentials_are_loaded_again_before_they_expire() {
+    let server = start().await;
+    remote::put_tree(server.clone()).await;
+    // A credential_process that hands out credentials expiring in 60 s
+    // (inside reqsign's 2-minute refresh margin) and counts its runs.
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("creds.sh");
+    let count = dir.path().join("runs");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho run >> {count}\nexp=$(date -u -d '+60 seconds' +%Y-%m-%dT%H:%M:%SZ)\n\
+             printf '{{\"Version\":1,\"AccessKeyId\":\"{key}\",\"SecretAccessKey\":\"{secret}\",\"Expiration\":\"%s\"}}' \"$exp\"\n",
+            count = count.display(),
+            key = server.access_key_id(),
+            secret = server.secret_access_key(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let profile = format!("musicfs-proc-{}", server.addr().port());
+    add_config_profile(
+        &profile,
+        &format!("credential_process = {}", script.display()),
+    );
+    let mut spec = RemoteSpec::parse(&format!("s3://{}", server.bucket())).unwrap();
+    spec.settings = RemoteSettings {
+        profile: Some(profile),
+        ..settings(&server)
+    };
+    let o = RemoteOrigin::connect(OriginId::new("s3").unwrap(), spec)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        o.stat(&p("lib/a.flac")).await.unwrap();
+    }
+    // Each credential was inside the refresh margin when the next request
+    // was signed, so each request loaded a new one.
+    let runs = std::fs::read_to_string(&count).unwrap().lines().count();
+    assert_eq!(runs, 3, "credential_process runs for 3 requests");
 }

@@ -12,7 +12,8 @@
 //!   fails with a message that says how to give one.
 //! - Credentials come from reqsign's default chain (environment keys,
 //!   the shared config and credentials files for the profile, SSO, web
-//!   identity, `credential_process`, ECS, EC2 metadata unless
+//!   identity, `credential_process` (with a command runner OpenDAL does not
+//!   give it), ECS, EC2 metadata unless
 //!   `AWS_EC2_METADATA_DISABLED`, and never with an endpoint set: an
 //!   S3-compatible store takes no instance credentials). Its signer caches a credential and loads
 //!   a new one when the cached one expires within two minutes, so
@@ -25,9 +26,32 @@
 use std::path::PathBuf;
 
 use opendal::Operator;
+use reqsign_aws_v4::DefaultCredentialProvider;
+use reqsign_command_execute_tokio::TokioCommandExecute;
+use reqsign_core::{Context, ProvideCredential, ProvideCredentialChain};
 
 use super::spec::RemoteSettings;
 use crate::{OriginError, OriginId, Result};
+
+/// Lets a credential provider run commands. OpenDAL's S3 signer hands
+/// providers a context without a command runner, so `credential_process`
+/// in the AWS config (aws-vault, SSO and SAML helpers: the usual source of
+/// credentials that expire) found no credentials at all; this gives the
+/// default chain tokio's.
+#[derive(Debug)]
+struct WithCommands<P>(P);
+
+impl<P: ProvideCredential> ProvideCredential for WithCommands<P> {
+    type Credential = P::Credential;
+
+    async fn provide_credential(
+        &self,
+        ctx: &Context,
+    ) -> reqsign_core::Result<Option<Self::Credential>> {
+        let ctx = ctx.clone().with_command_execute(TokioCommandExecute);
+        self.0.provide_credential(&ctx).await
+    }
+}
 
 /// Where and how to reach the bucket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,14 +157,19 @@ pub(crate) fn operator(
         .bucket(bucket)
         .root(&format!("/{prefix}"))
         .region(&plan.region);
+    let mut credentials = DefaultCredentialProvider::builder();
     if let Some(endpoint) = &plan.endpoint {
+        builder = builder.endpoint(endpoint);
         // An S3-compatible store takes no EC2 instance credentials, and
         // probing the metadata address off EC2 only delays the error.
-        builder = builder.endpoint(endpoint).disable_ec2_metadata();
+        credentials = credentials.no_imds();
     }
     if let Some(profile) = &settings.profile {
-        builder = builder.profile(profile);
+        credentials = credentials.with_profile(profile);
     }
+    builder = builder.credential_provider_chain(
+        ProvideCredentialChain::new().push(WithCommands(credentials.build())),
+    );
     if plan.virtual_host {
         builder = builder.enable_virtual_host_style();
     }

@@ -46,7 +46,6 @@
 //!   symlinks are not served on SFTP origins (the server would follow them
 //!   anywhere, and MusicFS never follows a link out of the root).
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -64,9 +63,15 @@ use tokio::io::AsyncSeekExt;
 
 use super::meta;
 use super::spec::RemoteSettings;
+
+mod kept;
+mod ssh;
+
 use crate::{
     DirEntry, EntryKind, EntryMeta, FileVersion, OriginError, OriginId, OriginPath, Result,
 };
+use kept::Kept;
+use ssh::{classify_ssh, error_chain};
 
 /// How long ssh may take to open the TCP connection and exchange banners.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,8 +82,6 @@ const ALIVE_INTERVAL: Duration = Duration::from_secs(5);
 const READ_REQUEST: u64 = 256 * 1024;
 /// How long a connection under suspicion may take to answer a stat.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Server-side handles kept open for files being read.
-const KEPT_HANDLES: usize = 16;
 
 /// Where to connect and how.
 #[derive(Debug, Clone)]
@@ -104,41 +107,6 @@ pub(crate) struct SftpOrigin {
 struct Conn {
     generation: u64,
     sftp: Sftp,
-}
-
-/// Handles opened for versions being read, newest last.
-#[derive(Debug, Default)]
-struct Kept {
-    files: VecDeque<(OriginPath, FileVersion, u64, File)>,
-}
-
-impl Kept {
-    fn get(&mut self, path: &OriginPath, version: &FileVersion, generation: u64) -> Option<File> {
-        let at = self
-            .files
-            .iter()
-            .position(|(p, v, g, _)| p == path && v == version && *g == generation)?;
-        let entry = self.files.remove(at)?;
-        let file = entry.3.clone();
-        self.files.push_back(entry);
-        Some(file)
-    }
-
-    fn put(&mut self, path: &OriginPath, version: &FileVersion, generation: u64, file: File) {
-        self.forget(path, version);
-        // Handles of an older connection are dead anyway.
-        self.files.retain(|(_, _, g, _)| *g == generation);
-        while self.files.len() >= KEPT_HANDLES {
-            self.files.pop_front();
-        }
-        self.files
-            .push_back((path.clone(), version.clone(), generation, file));
-    }
-
-    fn forget(&mut self, path: &OriginPath, version: &FileVersion) {
-        self.files
-            .retain(|(p, v, _, _)| !(p == path && v == version));
-    }
 }
 
 impl SftpOrigin {
@@ -624,114 +592,5 @@ fn file_or_dir(md: &MetaData) -> Option<EntryMeta> {
     ))
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        let msg = s.to_string();
-        if !text.contains(&msg) {
-            text.push_str(": ");
-            text.push_str(&msg);
-        }
-        next = s.source();
-    }
-    text
-}
-
-/// What ssh's complaint means: a host key or login refusal is permanent
-/// (the user must act), anything else may pass.
-pub(crate) fn classify_ssh(origin: &OriginId, host: &str, text: &str) -> OriginError {
-    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    if text.contains("Host key verification failed")
-        || text.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
-        || text.contains("host key for")
-    {
-        return OriginError::AccessDenied {
-            origin: origin.clone(),
-            reason: format!(
-                "ssh refused the server's host key (unknown or changed): {text}; check the key and \
-                 add it to known_hosts (run `ssh {host}` once and compare the fingerprint)"
-            ),
-        };
-    }
-    if text.contains("Permission denied") || text.contains("Too many authentication failures") {
-        return OriginError::AccessDenied {
-            origin: origin.clone(),
-            reason: format!(
-                "ssh could not log in: {text}; check the user, the key and the ssh agent"
-            ),
-        };
-    }
-    OriginError::Unavailable {
-        origin: origin.clone(),
-        reason: format!("ssh to {host} failed: {text}"),
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::ffi::OsStrExt;
-
-    fn id() -> OriginId {
-        OriginId::new("nas").unwrap()
-    }
-
-    #[test]
-    fn host_key_refusals_are_access_denied_and_say_host_key() {
-        for text in [
-            "failed to connect to the remote host: Host key verification failed.",
-            "@@@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @@@ ... Host key verification failed.",
-            "No ED25519 host key is known for [127.0.0.1]:2222 and you have requested strict checking.\nHost key verification failed.",
-        ] {
-            let e = classify_ssh(&id(), "nas", text);
-            assert!(matches!(e, OriginError::AccessDenied { .. }), "{e}");
-            assert!(!e.is_retryable());
-            assert!(e.to_string().contains("host key"), "{e}");
-        }
-    }
-
-    #[test]
-    fn login_refusals_are_access_denied_and_network_faults_retryable() {
-        let e = classify_ssh(&id(), "nas", "bob@nas: Permission denied (publickey).");
-        assert!(matches!(e, OriginError::AccessDenied { .. }), "{e}");
-        for text in [
-            "ssh: connect to host 127.0.0.1 port 2222: Connection refused",
-            "ssh: Could not resolve hostname nas: Name or service not known",
-            "ssh: connect to host 10.0.0.1 port 22: Connection timed out",
-            "Connection closed by 127.0.0.1 port 2222",
-        ] {
-            let e = classify_ssh(&id(), "nas", text);
-            assert!(matches!(e, OriginError::Unavailable { .. }), "{e}");
-            assert!(e.is_retryable());
-            assert!(!e.is_not_found());
-        }
-    }
-
-    #[test]
-    fn server_paths_follow_the_root() {
-        let target = |root: &str| Target {
-            user: None,
-            host: "nas".into(),
-            port: None,
-            root: root.into(),
-            settings: RemoteSettings::default(),
-        };
-        let p = OriginPath::new("Album/01.flac").unwrap();
-        let o = SftpOrigin::new(id(), target("/srv/music"));
-        assert_eq!(o.server_path(&p), PathBuf::from("/srv/music/Album/01.flac"));
-        assert_eq!(
-            o.server_path(&OriginPath::root()),
-            PathBuf::from("/srv/music")
-        );
-        let o = SftpOrigin::new(id(), target(""));
-        assert_eq!(o.server_path(&p), PathBuf::from("./Album/01.flac"));
-        let o = SftpOrigin::new(id(), target("music"));
-        assert_eq!(o.server_path(&p), PathBuf::from("music/Album/01.flac"));
-        let latin1 = OriginPath::from_bytes(b"Bj\xf6rk.flac").unwrap();
-        assert_eq!(
-            o.server_path(&latin1).as_os_str().as_bytes(),
-            b"music/Bj\xf6rk.flac"
-        );
-    }
-}
+mod tests;
