@@ -66,6 +66,12 @@ pub struct FsConfig {
     /// the same time wait together, not in turn. A healthy NAS or a remote
     /// store on a 100 ms link answers well within it.
     pub revalidate_wait: Duration,
+    /// Listings read ahead at once per origin when a directory is opened
+    /// (its subdirectories, so a tree walk over a slow origin does not pay
+    /// a round trip per directory); 0 turns listing read-ahead off. Keep it
+    /// below an origin's connection limit, so user calls find a free
+    /// connection.
+    pub listing_readahead: usize,
 }
 
 impl Default for FsConfig {
@@ -76,6 +82,7 @@ impl Default for FsConfig {
             kernel_ttl: Duration::from_secs(1),
             freshness: Duration::from_secs(2),
             revalidate_wait: Duration::from_millis(500),
+            listing_readahead: 8,
         }
     }
 }

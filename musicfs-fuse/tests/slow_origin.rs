@@ -166,3 +166,110 @@ fn a_cold_track_changed_behind_an_old_listing_opens_as_the_new_version() {
     // A second open agrees, and so does the listing's size soon after.
     assert!(fs::read(album.join("01 - Track.flac")).unwrap() == new);
 }
+
+/// One file of the walk test's tree, by its indices.
+fn walk_file(artist: usize, album: usize, track: usize) -> (String, Vec<u8>) {
+    let path = format!("Artist {artist}/Album {album}/{track:02} - Track.flac");
+    let len = 100 + artist * 1000 + album * 20 + track;
+    (path, vec![b'x'; len])
+}
+
+/// Every entry under `dir` as (path relative to `top`, is a directory,
+/// size), as `ls -lR` sees them (lstat of each).
+fn walk(top: &Path, dir: &Path, out: &mut Vec<(String, bool, u64)>) {
+    for entry in fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let meta = fs::symlink_metadata(entry.path()).unwrap();
+        let rel = entry
+            .path()
+            .strip_prefix(top)
+            .unwrap()
+            .display()
+            .to_string();
+        out.push((rel, meta.is_dir(), meta.len()));
+        if meta.is_dir() {
+            walk(top, &entry.path(), out);
+        }
+    }
+}
+
+/// A cold walk of 5 artists × 10 albums × 20 tracks: the directories are
+/// listed ahead of the walker, several at once, each exactly once, and the
+/// walk sees every entry as the origin has it.
+#[test]
+fn a_cold_tree_walk_lists_directories_ahead_several_at_once() {
+    let (artists, albums, tracks) = (5, 10, 20);
+    let mut files = Vec::new();
+    for a in 0..artists {
+        for b in 0..albums {
+            for t in 0..tracks {
+                files.push(walk_file(a, b, t));
+            }
+        }
+    }
+    let refs: Vec<(&str, Vec<u8>)> = files.iter().map(|(p, d)| (p.as_str(), d.clone())).collect();
+    let (_mem, faulty) = remote(&refs);
+    let cfg = FsConfig {
+        revalidate_wait: Duration::from_secs(30),
+        ..FsConfig::default()
+    };
+    assert!(cfg.listing_readahead > 1, "read-ahead is on by default");
+    let h = Harness::start(vec![Arc::clone(&faulty) as DynOrigin], cfg);
+    let top = h.root().join("remote");
+    faulty.reset_stats();
+    faulty.record_calls();
+
+    let mut seen = Vec::new();
+    walk(&top, &top, &mut seen);
+    seen.sort();
+    let mut expected = Vec::new();
+    for a in 0..artists {
+        expected.push((format!("Artist {a}"), true, 0));
+        for b in 0..albums {
+            expected.push((format!("Artist {a}/Album {b}"), true, 0));
+            for t in 0..tracks {
+                let (path, data) = walk_file(a, b, t);
+                expected.push((path, false, data.len() as u64));
+            }
+        }
+    }
+    expected.sort();
+    // Directory sizes are the origin's business; compare kinds and names.
+    let strip = |v: &[(String, bool, u64)]| -> Vec<(String, bool, u64)> {
+        v.iter()
+            .map(|(p, d, n)| (p.clone(), *d, if *d { 0 } else { *n }))
+            .collect()
+    };
+    assert_eq!(
+        strip(&seen),
+        expected,
+        "the walk did not see the origin's tree"
+    );
+
+    let stats = faulty.stats();
+    let dirs = (artists + artists * albums) as u64;
+    let calls = faulty.calls();
+    assert_eq!(
+        stats.list_calls,
+        dirs,
+        "each directory listed exactly once: {:#?}",
+        of_kind(&calls, CallKind::List)
+    );
+    assert!(
+        stats.max_in_flight_lists > 1,
+        "listings ran one after another: {:#?}",
+        of_kind(&calls, CallKind::List)
+    );
+    assert!(
+        stats.max_in_flight_lists <= max_lists_at_once(),
+        "more read-ahead listings at once than allowed: {}",
+        stats.max_in_flight_lists
+    );
+    assert_eq!(stats.read_calls, 0, "a walk reads no file");
+}
+
+/// At most this many listings run at once in the walk: the read-ahead's
+/// width plus the walker's own listing.
+fn max_lists_at_once() -> u64 {
+    FsConfig::default().listing_readahead as u64 + 1
+}

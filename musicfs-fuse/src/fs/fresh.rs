@@ -326,7 +326,7 @@ impl Inner {
     /// Whether an open may wait for the origin: not while the health
     /// monitor says it is down, nor while an earlier check of it is still
     /// unanswered.
-    fn may_ask(&self, key: &NodeKey) -> bool {
+    pub(super) fn may_ask(&self, key: &NodeKey) -> bool {
         if self.unanswered.lock().contains_key(&key.origin) {
             return false;
         }
