@@ -68,9 +68,11 @@ pub struct FsConfig {
     pub revalidate_wait: Duration,
     /// Listings read ahead at once per origin when a directory is opened
     /// (its subdirectories, so a tree walk over a slow origin does not pay
-    /// a round trip per directory); 0 turns listing read-ahead off. Keep it
-    /// below an origin's connection limit, so user calls find a free
-    /// connection.
+    /// a round trip per directory); 0 turns listing read-ahead off. A cold
+    /// walk lists about this many directories per round trip: 16 walks
+    /// 10,000 tracks in 121 directories in about 9 round trips (0.9 s at
+    /// 100 ms; 8 takes 1.6 s). Keep it below an origin's connection limit,
+    /// so user calls find a free connection.
     pub listing_readahead: usize,
 }
 
@@ -82,7 +84,7 @@ impl Default for FsConfig {
             kernel_ttl: Duration::from_secs(1),
             freshness: Duration::from_secs(2),
             revalidate_wait: Duration::from_millis(500),
-            listing_readahead: 8,
+            listing_readahead: 16,
         }
     }
 }
