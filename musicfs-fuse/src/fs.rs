@@ -52,7 +52,9 @@
 //!   above the origin's directory as written is never handed to the kernel.
 //! - `open` binds the handle to one version: the cached one while it is
 //!   fresher than `freshness` (or the origin is down), else the one the
-//!   origin confirms (`fs/fresh.rs`); the cache then serves only that
+//!   origin confirms (`fs/fresh.rs`; a cold file's first read runs beside
+//!   that check, so it costs no round trip of its own, and is kept only if
+//!   the check confirms its version); the cache then serves only that
 //!   version's bytes. The inode it opens is that version's own (see the
 //!   inode module), so the kernel's page cache of it is always right and
 //!   is kept (`FOPEN_KEEP_CACHE`); an open of an outdated version's inode

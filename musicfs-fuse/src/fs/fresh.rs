@@ -47,7 +47,6 @@ use std::sync::Arc;
 use fuser::Errno;
 use musicfs_cas::FileHandle;
 use musicfs_origins::{EntryKind, EntryMeta, FileVersion, OriginError};
-use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use super::listings::DirListing;
@@ -59,13 +58,6 @@ use crate::inode::NodeKey;
 /// player starts (its initial read-ahead window), and the size of the
 /// ingest's first origin request.
 pub(super) const FIRST_READ: u64 = 128 << 10;
-
-/// The first read of one version of a file, started beside the freshness
-/// check of an open; its handle arrives once the cache opened it.
-struct EarlyRead {
-    version: FileVersion,
-    handle: oneshot::Receiver<FileHandle>,
-}
 
 impl Inner {
     /// A handle of `key` bound to `version` (the version of the inode being
@@ -86,16 +78,12 @@ impl Inner {
         let meta = if self.within_freshness(known_ns) || !self.may_ask(key) {
             meta
         } else {
-            let early = self.start_early_read(key, &meta, version);
+            let early = self.start_early_read(key, &meta, version).await;
             let meta = self.confirm(key, meta).await?;
-            if let Some(early) = early {
-                if early.version == meta.version() {
-                    if let Ok(handle) = early.handle.await {
-                        return Ok(handle);
-                    }
-                }
+            match early {
+                Some(handle) if meta.version() == *version => return Ok(handle),
+                _ => meta,
             }
-            meta
         };
         if meta.version() != *version {
             debug!(origin = %key.origin, path = %key.path, "open of an outdated version; the kernel looks the name up again");
@@ -110,15 +98,19 @@ impl Inner {
             })
     }
 
-    /// Starts the first read of `meta`, the version an open expects, unless
-    /// it is not `version` (the open answers `ESTALE` whatever the check
-    /// says), empty, or the index holds a manifest of another version.
-    fn start_early_read(
+    /// A handle of `meta`, the version an open expects, with its first
+    /// read started; `None` when `meta` is not `version` (the open answers
+    /// `ESTALE` whatever the check says), empty, or the index holds a
+    /// manifest of another version. The handle is opened before the check
+    /// is asked, so that it can never be opened after the open of a newer
+    /// version the check leads to (opening an older version after a newer
+    /// one would make the newer one's file stale).
+    async fn start_early_read(
         self: &Arc<Self>,
         key: &NodeKey,
         meta: &EntryMeta,
         version: &FileVersion,
-    ) -> Option<EarlyRead> {
+    ) -> Option<FileHandle> {
         if meta.version() != *version || meta.size == 0 {
             return None;
         }
@@ -129,26 +121,23 @@ impl Inner {
             // open goes the plain way.
             Ok(Some(_)) | Err(_) => return None,
         }
-        let (tx, rx) = oneshot::channel();
-        let inner = Arc::clone(self);
+        let handle = match self.cache.open_file(&key.origin, &key.path, meta).await {
+            Ok(handle) => handle,
+            // The open after the check tries again and reports it.
+            Err(e) => {
+                debug!(origin = %key.origin, path = %key.path, error = %e, "cannot open a file for its early read");
+                return None;
+            }
+        };
+        let reader = handle.clone();
+        let timeout = self.config.read_timeout;
         let key = key.clone();
-        let meta = meta.clone();
         self.rt.spawn(async move {
-            let handle = match inner.cache.open_file(&key.origin, &key.path, &meta).await {
-                Ok(handle) => handle,
-                // The open after the check tries again and reports it.
-                Err(e) => {
-                    debug!(origin = %key.origin, path = %key.path, error = %e, "cannot open a file for its early read");
-                    return;
-                }
-            };
-            let _ = tx.send(handle.clone());
             // The bytes land in the file's ingest, where the player's
             // first read finds them; this handle keeps the ingest going
             // until they are in. An error here (the file changed: the
             // check decides) is the open's to find, not this task's.
-            let timeout = inner.config.read_timeout;
-            match tokio::time::timeout(timeout, handle.read(0, FIRST_READ)).await {
+            match tokio::time::timeout(timeout, reader.read(0, FIRST_READ)).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     debug!(origin = %key.origin, path = %key.path, error = %e, "the early read of a file failed")
@@ -158,10 +147,7 @@ impl Inner {
                 }
             }
         });
-        Some(EarlyRead {
-            version: version.clone(),
-            handle: rx,
-        })
+        Some(handle)
     }
 
     /// The version of `key` the origin says it has now, for an open that
