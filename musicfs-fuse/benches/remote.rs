@@ -4,7 +4,7 @@
 //! origin that sleeps, and prints one line per case).
 //!
 //! `cargo bench -p musicfs-fuse --bench remote [-- --rtt MS --runs N
-//! --files N --readahead N --no-off --json FILE]` (root: it mounts;
+//! --files N --readahead N --no-off --local --json FILE]` (root: it mounts;
 //! `/dev/fuse`, `find` and `ls` needed)
 //!
 //! The origin is a [`MemOrigin`] behind a [`FaultyOrigin`] whose every call
@@ -22,6 +22,10 @@
 //!   (the default width, or `--readahead N`) and, unless `--no-off`, off
 //!   (`listing_readahead: 0`: every directory one round trip after the
 //!   other); `find warm`: again on the same mount.
+//!
+//! `--local` runs only the walks, on a `LocalOrigin` over the same tree of
+//! sparse files on local disk: what listing read-ahead costs or gains
+//! where a listing takes microseconds.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // bench binary
 
 use std::io::Read;
@@ -31,7 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use musicfs_fuse::FsConfig;
-use musicfs_origins::{DynOrigin, OriginId, OriginPath};
+use musicfs_origins::{DynOrigin, LocalOrigin, OriginId, OriginPath};
 use musicfs_test_utils::{pseudo_random_bytes, Fault, FaultyOrigin, MemOrigin};
 
 #[path = "../tests/support/harness.rs"]
@@ -124,7 +128,26 @@ struct Walk {
     max_in_flight: u64,
 }
 
-fn walk(files: usize, rtt_ms: u64, readahead: usize, runs: usize) -> Walk {
+/// Makes the tree `scripts/bench` uses in `dir`, as sparse files.
+fn local_tree(dir: &Path, files: usize) {
+    for i in 0..files {
+        let path = dir.join(format!(
+            "Artist {:04}/Album {} - Some Title/{:02} - A track with a realistic title {i}.flac",
+            i / 500,
+            i / 100 % 5,
+            i % 100
+        ));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(8_000_000)
+            .unwrap();
+    }
+}
+
+/// The walks over `--files` objects: on a far in-memory origin when
+/// `local` is `None`, else on a `LocalOrigin` over that directory.
+fn walk(files: usize, rtt_ms: u64, local: Option<&Path>, readahead: usize, runs: usize) -> Walk {
     let mut cold_find = Vec::new();
     let mut cold_ls = Vec::new();
     let mut warm_find = Vec::new();
@@ -136,7 +159,13 @@ fn walk(files: usize, rtt_ms: u64, readahead: usize, runs: usize) -> Walk {
     };
     for _ in 0..runs {
         for ls in [false, true] {
-            let faulty = far(tree(files), rtt_ms);
+            let faulty = match local {
+                None => far(tree(files), rtt_ms),
+                Some(dir) => FaultyOrigin::new(Arc::new(LocalOrigin::new(
+                    OriginId::new("remote").unwrap(),
+                    dir,
+                )) as DynOrigin),
+            };
             let h = Harness::start(vec![Arc::clone(&faulty) as DynOrigin], config.clone());
             let top = h.root().join("remote");
             faulty.reset_stats();
@@ -181,6 +210,18 @@ fn main() {
         r.parse().unwrap()
     });
 
+    if args.iter().any(|a| a == "--local") {
+        let dir = tempfile::tempdir().unwrap();
+        local_tree(dir.path(), files);
+        for readahead in [width, 0] {
+            let w = walk(files, 0, Some(dir.path()), readahead, runs);
+            println!(
+                "local origin, {files} files, listing_readahead {readahead}: find cold {:.0} ms   ls -lR cold {:.0} ms   find warm {:.0} ms   ({} list calls, at most {} at once)   [median of {runs}]",
+                w.cold_find, w.cold_ls, w.warm_find, w.list_calls, w.max_in_flight
+            );
+        }
+        return;
+    }
     let data = pseudo_random_bytes(8 << 20, 5);
     let rtt = {
         let rt = tokio::runtime::Runtime::new().unwrap();
@@ -215,7 +256,7 @@ fn main() {
         vec![width, 0]
     };
     for readahead in widths {
-        let w = walk(files, rtt_ms, readahead, runs);
+        let w = walk(files, rtt_ms, None, readahead, runs);
         println!(
             "remote rtt {rtt_ms} ms, {files} files, listing_readahead {readahead}: find cold {:.0} ms   ls -lR cold {:.0} ms   find warm {:.0} ms   ({} list calls, at most {} at once)   [median of {runs}]",
             w.cold_find, w.cold_ls, w.warm_find, w.list_calls, w.max_in_flight
