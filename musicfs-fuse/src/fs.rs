@@ -7,6 +7,7 @@
 //!   (write-like ones `EROFS`, unsupported ones quiet via `fs/quiet.rs`);
 //! - `fs/entries.rs`: `lookup`, `getattr`, `readlink`;
 //! - `fs/listings.rs`: cached directory listings, their refresh, preflight;
+//! - `fs/readahead.rs`: listing read-ahead below a directory a user opened;
 //! - `fs/dirs.rs`: directory streams;
 //! - `fs/files.rs`: `open`, `read`, `release`;
 //! - `fs/fresh.rs`: which version an open binds to (the staleness bound);
@@ -37,6 +38,10 @@
 //!   origins without one), and only `musicfs forget` drops a cached tree.
 //! - Directory streams are snapshots taken at `opendir`, so a refresh in the
 //!   middle of a long `readdir` cannot skip or repeat entries.
+//! - An `opendir` lists the directory's subdirectories ahead, in the
+//!   background, bounded in width, depth and distance ahead of the user
+//!   (`fs/readahead.rs`); a user's request never waits for a read-ahead
+//!   slot.
 //! - Names are bytes: the kernel's `OsStr` is matched against the origin's
 //!   names byte for byte, UTF-8 or not.
 //! - A symlink is shown when its origin listed it (origins list only the
@@ -47,7 +52,9 @@
 //!   above the origin's directory as written is never handed to the kernel.
 //! - `open` binds the handle to one version: the cached one while it is
 //!   fresher than `freshness` (or the origin is down), else the one the
-//!   origin confirms (`fs/fresh.rs`); the cache then serves only that
+//!   origin confirms (`fs/fresh.rs`; a cold file's first read runs beside
+//!   that check, so it costs no round trip of its own, and is kept only if
+//!   the check confirms its version); the cache then serves only that
 //!   version's bytes. The inode it opens is that version's own (see the
 //!   inode module), so the kernel's page cache of it is always right and
 //!   is kept (`FOPEN_KEEP_CACHE`); an open of an outdated version's inode
@@ -81,12 +88,14 @@ mod fresh;
 mod kernel;
 mod listings;
 mod quiet;
+mod readahead;
 #[cfg(test)]
 mod tests;
 
 use dirs::DirItem;
 use files::OpenFile;
 use listings::Memo;
+use readahead::ReadAhead;
 
 /// A listing stamped further than this in the future means the wall clock
 /// went back; it is treated as stale rather than fresh for a long time.
@@ -158,6 +167,8 @@ struct Inner {
     /// Files whose last origin read timed out, and when (see
     /// [`RETRY_BUDGET`]).
     timed_out: Mutex<HashMap<Ino, Instant>>,
+    /// Listings read ahead of the user.
+    read_ahead: ReadAhead,
 }
 
 impl Inner {
@@ -228,6 +239,7 @@ impl MusicFs {
                 next_fh: AtomicU64::new(1),
                 trim_pending: AtomicBool::new(false),
                 timed_out: Mutex::new(HashMap::new()),
+                read_ahead: ReadAhead::default(),
             }),
         }
     }

@@ -66,6 +66,14 @@ pub struct FsConfig {
     /// the same time wait together, not in turn. A healthy NAS or a remote
     /// store on a 100 ms link answers well within it.
     pub revalidate_wait: Duration,
+    /// Listings read ahead at once per origin when a directory is opened
+    /// (its subdirectories, so a tree walk over a slow origin does not pay
+    /// a round trip per directory); 0 turns listing read-ahead off. A cold
+    /// walk lists about this many directories per round trip: 16 walks
+    /// 10,000 tracks in 121 directories in about 9 round trips (0.9 s at
+    /// 100 ms; 8 takes 1.6 s). Keep it below an origin's connection limit,
+    /// so user calls find a free connection.
+    pub listing_readahead: usize,
 }
 
 impl Default for FsConfig {
@@ -76,6 +84,7 @@ impl Default for FsConfig {
             kernel_ttl: Duration::from_secs(1),
             freshness: Duration::from_secs(2),
             revalidate_wait: Duration::from_millis(500),
+            listing_readahead: 16,
         }
     }
 }

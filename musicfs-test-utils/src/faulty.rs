@@ -15,8 +15,13 @@
 //!   dropping its future (a caller's timeout) ends it.
 //! - Every call is counted, including failed and hung ones, so the counters
 //!   show the attempts MusicFS made, not just the successes.
-//! - `in_flight_reads` is decremented by a drop guard, so a read cancelled
-//!   by a caller's timeout still leaves the count correct.
+//! - `in_flight_reads` and `in_flight_lists` are decremented by a drop
+//!   guard, so a call cancelled by a caller's timeout still leaves the count
+//!   correct.
+//! - The call log ([`FaultyOrigin::record_calls`], off by default) notes
+//!   when each call started and ended, so a test can tell calls that
+//!   overlapped from calls made one after another (round trips on a slow
+//!   link) without timing anything.
 //! - Injected errors are always [`OriginError::Unavailable`] (retryable) with
 //!   a reason starting with `injected fault:`, so a test can tell them from
 //!   real errors of the inner origin.
@@ -147,6 +152,10 @@ pub struct OriginStats {
     pub in_flight_reads: u64,
     /// The most `read_range` calls that ran at once.
     pub max_in_flight_reads: u64,
+    /// `list` calls currently running, including injected delays.
+    pub in_flight_lists: u64,
+    /// The most `list` calls that ran at once.
+    pub max_in_flight_lists: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -206,25 +215,25 @@ struct Counters {
     list_failures: AtomicU64,
     in_flight_reads: AtomicU64,
     max_in_flight_reads: AtomicU64,
+    in_flight_lists: AtomicU64,
+    max_in_flight_lists: AtomicU64,
 }
 
-/// Keeps `in_flight_reads` right even when the read's future is dropped
-/// mid-way (a caller's timeout around a hung read).
-struct InFlight<'a>(&'a Counters);
+/// Keeps an in-flight count right even when the call's future is dropped
+/// mid-way (a caller's timeout around a hung call).
+struct InFlight<'a>(&'a AtomicU64);
 
 impl<'a> InFlight<'a> {
-    fn enter(counters: &'a Counters) -> Self {
-        let now = counters.in_flight_reads.fetch_add(1, Ordering::SeqCst) + 1;
-        counters
-            .max_in_flight_reads
-            .fetch_max(now, Ordering::SeqCst);
-        InFlight(counters)
+    fn enter(count: &'a AtomicU64, max: &AtomicU64) -> Self {
+        let now = count.fetch_add(1, Ordering::SeqCst) + 1;
+        max.fetch_max(now, Ordering::SeqCst);
+        InFlight(count)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.in_flight_reads.fetch_sub(1, Ordering::SeqCst);
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -237,6 +246,7 @@ pub struct FaultyOrigin {
     faults: Mutex<Faults>,
     range_reads: AtomicBool,
     counters: Counters,
+    log: CallLog,
 }
 
 impl FaultyOrigin {
@@ -255,6 +265,7 @@ impl FaultyOrigin {
             faults: Mutex::new(Faults::all(Fault::None)),
             range_reads,
             counters: Counters::default(),
+            log: CallLog::default(),
         })
     }
 
@@ -305,12 +316,26 @@ impl FaultyOrigin {
             list_failures: load(&c.list_failures),
             in_flight_reads: load(&c.in_flight_reads),
             max_in_flight_reads: load(&c.max_in_flight_reads),
+            in_flight_lists: load(&c.in_flight_lists),
+            max_in_flight_lists: load(&c.max_in_flight_lists),
         }
     }
 
-    /// Zeroes the counters. `in_flight_reads` is left alone because those
-    /// reads are still running and will decrement it when they end;
-    /// `max_in_flight_reads` restarts from it.
+    /// Starts (or restarts, emptied) the call log: from now on every call
+    /// is noted with its start and end (see [`Call`]).
+    pub fn record_calls(&self) {
+        self.log.start();
+    }
+
+    /// The calls noted since [`Self::record_calls`], in the order they
+    /// started; empty when the log is off.
+    pub fn calls(&self) -> Vec<Call> {
+        self.log.calls()
+    }
+
+    /// Zeroes the counters. `in_flight_reads` and `in_flight_lists` are
+    /// left alone because those calls are still running and will decrement
+    /// them when they end; the maxima restart from them.
     pub fn reset_stats(&self) {
         let c = &self.counters;
         for counter in [
@@ -326,6 +351,8 @@ impl FaultyOrigin {
         }
         c.max_in_flight_reads
             .store(c.in_flight_reads.load(Ordering::SeqCst), Ordering::SeqCst);
+        c.max_in_flight_lists
+            .store(c.in_flight_lists.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 
     /// Overrides what [`Origin::supports_range_reads`] reports (by default the
@@ -430,6 +457,9 @@ impl Origin for FaultyOrigin {
 
     async fn list(&self, path: &OriginPath) -> Result<Vec<DirEntry>> {
         self.counters.list_calls.fetch_add(1, Ordering::SeqCst);
+        let c = &self.counters;
+        let _in_flight = InFlight::enter(&c.in_flight_lists, &c.max_in_flight_lists);
+        let _noted = self.log.note(CallKind::List, Some(path), None);
         let result = match self.before(Op::List).await {
             Ok(_) => self.inner.list(path).await,
             Err(e) => Err(e),
@@ -442,6 +472,7 @@ impl Origin for FaultyOrigin {
 
     async fn stat(&self, path: &OriginPath) -> Result<EntryMeta> {
         self.counters.stat_calls.fetch_add(1, Ordering::SeqCst);
+        let _noted = self.log.note(CallKind::Stat, Some(path), None);
         let result = match self.before(Op::Stat).await {
             Ok(_) => self.inner.stat(path).await,
             Err(e) => Err(e),
@@ -457,7 +488,11 @@ impl Origin for FaultyOrigin {
         len: u64,
     ) -> Result<Bytes> {
         self.counters.read_calls.fetch_add(1, Ordering::SeqCst);
-        let _in_flight = InFlight::enter(&self.counters);
+        let c = &self.counters;
+        let _in_flight = InFlight::enter(&c.in_flight_reads, &c.max_in_flight_reads);
+        let _noted = self
+            .log
+            .note(CallKind::Read, Some(path), Some((offset, len)));
         let result = self.read_inner(path, version, offset, len).await;
         if let Ok(data) = &result {
             self.counters
@@ -473,6 +508,7 @@ impl Origin for FaultyOrigin {
 
     async fn read_link(&self, path: &OriginPath) -> Result<PathBuf> {
         self.counters.stat_calls.fetch_add(1, Ordering::SeqCst);
+        let _noted = self.log.note(CallKind::ReadLink, Some(path), None);
         let result = match self.before(Op::Stat).await {
             Ok(_) => self.inner.read_link(path).await,
             Err(e) => Err(e),
@@ -482,6 +518,7 @@ impl Origin for FaultyOrigin {
 
     async fn health(&self) -> Result<()> {
         self.counters.health_calls.fetch_add(1, Ordering::SeqCst);
+        let _noted = self.log.note(CallKind::Health, None, None);
         let result = match self.before(Op::Health).await {
             Ok(_) => self.inner.health().await,
             Err(e) => Err(e),
@@ -494,5 +531,9 @@ impl Origin for FaultyOrigin {
     }
 }
 
+mod calls;
 #[cfg(test)]
 mod tests;
+
+use calls::CallLog;
+pub use calls::{Call, CallKind};

@@ -2,7 +2,8 @@
 //! origin, and real music-library fixtures.
 //!
 //! - [`FaultyOrigin`] wraps any origin to inject delays, hangs, errors and
-//!   bad data, and counts the traffic that reached it.
+//!   bad data, and counts the traffic that reached it (with a call log that
+//!   shows which calls overlapped).
 //! - [`MemOrigin`] is a mutable in-memory origin for engine tests.
 //! - [`make_library`] and friends build real FLAC/MP3 trees on disk, cached
 //!   per machine because generating audio is slow.
@@ -24,7 +25,7 @@ pub mod proxy;
 pub mod servers;
 
 pub use error::{FixtureError, Result};
-pub use faulty::{Fault, FaultyOrigin, Ops, OriginStats};
+pub use faulty::{Call, CallKind, Fault, FaultyOrigin, Ops, OriginStats};
 pub use library::{
     copy_tree, corpus_tool, library_files, make_library, pseudo_random_bytes, write_file,
     LibrarySpec,

@@ -2,7 +2,8 @@
 //!
 //! Layer: part of the filesystem proper (see `fs.rs`). A stream is a
 //! snapshot taken at `opendir`, so a listing refresh in the middle of a
-//! long `readdir` cannot skip or repeat entries.
+//! long `readdir` cannot skip or repeat entries. Each `opendir` starts the
+//! read-ahead of the directory's subdirectories (`readahead.rs`).
 
 use std::ffi::OsString;
 use std::sync::Arc;
@@ -90,6 +91,8 @@ impl MusicFs {
             }
             let fh = inner.open_dir_snapshot(items);
             reply.opened(Fh(fh), FopenFlags::empty());
+            // A walker opens the subdirectories next: list them ahead.
+            inner.read_ahead_below(&key, listing);
         });
     }
 

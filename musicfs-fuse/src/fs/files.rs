@@ -117,19 +117,7 @@ impl MusicFs {
             // Async from here: the freshness check may ask the origin, and
             // open_file reads the manifest.
             inner.rt.clone().spawn(async move {
-                let meta = match inner.fresh_meta(&key, listed, listed_ns).await {
-                    Ok(meta) if meta.version() == version => meta,
-                    // The file changed since the kernel looked this inode
-                    // up: ESTALE makes it look the name up again (the VFS
-                    // retries an open once with a forced lookup), which
-                    // gives the new version's inode.
-                    Ok(_) => {
-                        debug!(%ino, path = %key.path, "open of an outdated version; the kernel looks the name up again");
-                        return reply.error(Errno::ESTALE);
-                    }
-                    Err(e) => return reply.error(e),
-                };
-                match inner.cache.open_file(&key.origin, &key.path, &meta).await {
+                match inner.open_bound(&key, listed, listed_ns, &version).await {
                     Ok(handle) => {
                         let fh = inner.next_fh();
                         inner.files.lock().insert(fh, OpenFile { ino, handle });
@@ -137,10 +125,7 @@ impl MusicFs {
                         // kernel cached for it are always right.
                         reply.opened(Fh(fh), FopenFlags::FOPEN_KEEP_CACHE);
                     }
-                    Err(e) => {
-                        warn!(%ino, origin = %key.origin, path = %key.path, error = %e, "cannot open a file");
-                        reply.error(errno::of_cas(&e));
-                    }
+                    Err(e) => reply.error(e),
                 }
             });
         });

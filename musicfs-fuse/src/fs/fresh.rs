@@ -10,6 +10,18 @@
 //!   here) is older than that, the open asks the origin (`stat`) first. A
 //!   deleted file is `ENOENT`, a file that became a directory `EISDIR`, and
 //!   the parent's listing is refreshed so that `ls` agrees soon after.
+//! - That check costs no round trip of its own on a cold file: the first
+//!   read of the version the open expects starts beside it (an early read,
+//!   [`FIRST_READ`] bytes through the cache, which starts the file's
+//!   ingest), so the player's first bytes arrive one origin round trip
+//!   after the open, not two. The read is bound to that version (the
+//!   origin answers `Changed` for any other), and its handle is used only
+//!   when the check confirms the same version; otherwise it is dropped,
+//!   and what it fetched is of a version nobody binds to. So the check
+//!   still decides, and no byte of the wrong version is ever served. It
+//!   starts only when the index holds no manifest of another version (one
+//!   the check may yet confirm, and which opening the listed version would
+//!   drop).
 //! - A hung or down NAS never slows an open of a cached track by more than
 //!   [`crate::FsConfig::revalidate_wait`], once (opens at the same time wait
 //!   together, not in turn): the check is skipped while
@@ -33,27 +45,119 @@
 use std::sync::Arc;
 
 use fuser::Errno;
-use musicfs_origins::{EntryKind, EntryMeta, OriginError};
-use tracing::{debug, info};
+use musicfs_cas::FileHandle;
+use musicfs_origins::{EntryKind, EntryMeta, FileVersion, OriginError};
+use tracing::{debug, info, warn};
 
 use super::listings::DirListing;
 use super::{duration_ns, now_ns, Inner, CLOCK_SKEW};
 use crate::errno;
 use crate::inode::NodeKey;
 
+/// What an early read asks for: the kernel's first request of a file a
+/// player starts (its initial read-ahead window), and the size of the
+/// ingest's first origin request.
+pub(super) const FIRST_READ: u64 = 128 << 10;
+
 impl Inner {
-    /// The version of `key` an open should bind to, given the entry its
-    /// parent's listing holds (`listed`, fetched at `listed_ns`).
-    pub(super) async fn fresh_meta(
+    /// A handle of `key` bound to `version` (the version of the inode being
+    /// opened), given the entry its parent's listing holds (`listed`,
+    /// fetched at `listed_ns`): checked with the origin when that is older
+    /// than the freshness bound, with the first read started beside the
+    /// check (see the module docs). `ESTALE` when the file is another
+    /// version now: the kernel looks the name up again and gets the new
+    /// version's inode.
+    pub(super) async fn open_bound(
         self: &Arc<Self>,
         key: &NodeKey,
         listed: EntryMeta,
         listed_ns: u64,
-    ) -> std::result::Result<EntryMeta, Errno> {
+        version: &FileVersion,
+    ) -> std::result::Result<FileHandle, Errno> {
         let (meta, known_ns) = self.newest(key, listed, listed_ns);
-        if self.within_freshness(known_ns) || !self.may_ask(key) {
-            return Ok(meta);
+        let meta = if self.within_freshness(known_ns) || !self.may_ask(key) {
+            meta
+        } else {
+            let early = self.start_early_read(key, &meta, version).await;
+            let meta = self.confirm(key, meta).await?;
+            match early {
+                Some(handle) if meta.version() == *version => return Ok(handle),
+                _ => meta,
+            }
+        };
+        if meta.version() != *version {
+            debug!(origin = %key.origin, path = %key.path, "open of an outdated version; the kernel looks the name up again");
+            return Err(Errno::ESTALE);
         }
+        self.cache
+            .open_file(&key.origin, &key.path, &meta)
+            .await
+            .map_err(|e| {
+                warn!(origin = %key.origin, path = %key.path, error = %e, "cannot open a file");
+                errno::of_cas(&e)
+            })
+    }
+
+    /// A handle of `meta`, the version an open expects, with its first
+    /// read started; `None` when `meta` is not `version` (the open answers
+    /// `ESTALE` whatever the check says), empty, or the index holds a
+    /// manifest of another version. The handle is opened before the check
+    /// is asked, so that it can never be opened after the open of a newer
+    /// version the check leads to (opening an older version after a newer
+    /// one would make the newer one's file stale).
+    async fn start_early_read(
+        self: &Arc<Self>,
+        key: &NodeKey,
+        meta: &EntryMeta,
+        version: &FileVersion,
+    ) -> Option<FileHandle> {
+        if meta.version() != *version || meta.size == 0 {
+            return None;
+        }
+        match self.cache.index().manifest(&key.origin, &key.path) {
+            Ok(None) => {}
+            Ok(Some(m)) if m.version == *version => {}
+            // Another version's chunks, or an index that cannot say: the
+            // open goes the plain way.
+            Ok(Some(_)) | Err(_) => return None,
+        }
+        let handle = match self.cache.open_file(&key.origin, &key.path, meta).await {
+            Ok(handle) => handle,
+            // The open after the check tries again and reports it.
+            Err(e) => {
+                debug!(origin = %key.origin, path = %key.path, error = %e, "cannot open a file for its early read");
+                return None;
+            }
+        };
+        let reader = handle.clone();
+        let timeout = self.config.read_timeout;
+        let key = key.clone();
+        self.rt.spawn(async move {
+            // The bytes land in the file's ingest, where the player's
+            // first read finds them; this handle keeps the ingest going
+            // until they are in. An error here (the file changed: the
+            // check decides) is the open's to find, not this task's.
+            match tokio::time::timeout(timeout, reader.read(0, FIRST_READ)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    debug!(origin = %key.origin, path = %key.path, error = %e, "the early read of a file failed")
+                }
+                Err(_) => {
+                    debug!(origin = %key.origin, path = %key.path, ?timeout, "the early read of a file timed out")
+                }
+            }
+        });
+        Some(handle)
+    }
+
+    /// The version of `key` the origin says it has now, for an open that
+    /// knows `meta` (older than the bound); `meta` when the origin cannot
+    /// answer in time (see the module docs).
+    async fn confirm(
+        self: &Arc<Self>,
+        key: &NodeKey,
+        meta: EntryMeta,
+    ) -> std::result::Result<EntryMeta, Errno> {
         let Some(origin) = self.by_id.get(&key.origin).cloned() else {
             return Ok(meta);
         };
@@ -208,7 +312,7 @@ impl Inner {
     /// Whether an open may wait for the origin: not while the health
     /// monitor says it is down, nor while an earlier check of it is still
     /// unanswered.
-    fn may_ask(&self, key: &NodeKey) -> bool {
+    pub(super) fn may_ask(&self, key: &NodeKey) -> bool {
         if self.unanswered.lock().contains_key(&key.origin) {
             return false;
         }

@@ -24,6 +24,7 @@ use musicfs_origins::{
 };
 use tracing::{debug, info, warn};
 
+use super::readahead;
 use super::*;
 use crate::errno;
 use crate::inode::NodeKey;
@@ -301,12 +302,48 @@ impl Inner {
         }
     }
 
-    /// The listing of `dir`, asking the origin when nothing is cached.
+    /// The listing of `dir`, asking the origin when nothing is cached, all
+    /// within `read_timeout`. One origin listing of a directory runs at a
+    /// time: a request that finds one running (a user's, or read ahead, see
+    /// `readahead.rs`) waits for its outcome instead of asking again.
     pub(super) async fn listing(self: &Arc<Self>, dir: &NodeKey) -> Listed {
         if let Some(l) = self.cached_listing(dir) {
             return Ok(l);
         }
-        self.list_origin(dir).await.map_err(|e| {
+        let timeout = self.config.read_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let lead = match self.read_ahead.join_or_lead(dir) {
+            Err(lead) => {
+                // Stored by a listing that ended since the look above?
+                if let Some(l) = self.cached_listing(dir) {
+                    let listed = Ok(l);
+                    lead.done(&listed);
+                    return listed;
+                }
+                Some(lead)
+            }
+            Ok(running) => {
+                match tokio::time::timeout_at(deadline, readahead::outcome(running)).await {
+                    Ok(Some(Ok(l))) => return Ok(l),
+                    Ok(Some(Err(errno))) if !errno::is_fault(errno) => return Err(errno),
+                    // It met a fault, or ended without an answer: ask for
+                    // ourselves, in what is left of the time.
+                    Ok(_) => None,
+                    Err(_) => {
+                        warn!(origin = %dir.origin, dir = %dir.path, ?timeout, "cannot list a directory that is not cached: no answer in time; the origin may be hung");
+                        return Err(Errno::EIO);
+                    }
+                }
+            }
+        };
+        let listed = match tokio::time::timeout_at(deadline, self.list_origin(dir)).await {
+            Ok(listed) => listed,
+            Err(_) => Err(OriginError::Timeout {
+                origin: dir.origin.clone(),
+                timeout,
+            }),
+        };
+        let listed = listed.map_err(|e| {
             let errno = errno::of_origin(&e);
             if errno::is_fault(errno) {
                 warn!(origin = %dir.origin, dir = %dir.path, error = %e, "cannot list a directory that is not cached");
@@ -314,7 +351,11 @@ impl Inner {
                 debug!(origin = %dir.origin, dir = %dir.path, error = %e, "cannot list a directory");
             }
             errno
-        })
+        });
+        if let Some(lead) = lead {
+            lead.done(&listed);
+        }
+        listed
     }
 
     /// What MusicFS shows for an origin's root directory.

@@ -62,6 +62,8 @@ async fn no_fault_passes_through_and_counts_traffic() {
             list_failures: 1,
             in_flight_reads: 0,
             max_in_flight_reads: 1,
+            in_flight_lists: 0,
+            max_in_flight_lists: 1,
         }
     );
     f.reset_stats();
@@ -287,4 +289,61 @@ async fn inner_errors_are_counted_as_failures() {
     assert!(f.health().await.is_err());
     assert!(read(&f, &p(FILE), 0, 1).await.is_err());
     assert_eq!(f.stats().failures, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_lists_are_tracked_and_the_log_shows_overlap() {
+    let (_mem, f, _) = setup(1000);
+    f.set_fault_on(Ops::LIST | Ops::STAT, Fault::TimeoutMs(100));
+    // Off by default.
+    f.list(&p("a")).await.unwrap();
+    assert!(f.calls().is_empty());
+    f.reset_stats();
+    f.record_calls();
+    let dir = p("a");
+    let file = p(FILE);
+    let lists = (0..3).map(|_| f.list(&dir));
+    let (lists, stat) = tokio::join!(futures::future::join_all(lists), f.stat(&file));
+    assert!(lists.iter().all(|l| l.is_ok()));
+    stat.unwrap();
+    // One after the other: no overlap.
+    f.stat(&file).await.unwrap();
+    let s = f.stats();
+    assert_eq!(s.list_calls, 3);
+    assert_eq!(s.in_flight_lists, 0);
+    assert_eq!(s.max_in_flight_lists, 3);
+    let calls = f.calls();
+    let kinds: Vec<CallKind> = calls.iter().map(|c| c.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            CallKind::List,
+            CallKind::List,
+            CallKind::List,
+            CallKind::Stat,
+            CallKind::Stat
+        ]
+    );
+    assert!(calls.iter().all(|c| c.ended.is_some()));
+    assert!(calls[0].overlaps(&calls[3]));
+    assert!(!calls[3].overlaps(&calls[4]));
+    assert_eq!(calls[4].path.as_ref(), Some(&file));
+    // A restart empties the log.
+    f.record_calls();
+    assert!(f.calls().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_dropped_by_a_timeout_still_ends_in_the_log() {
+    let (_mem, f, _) = setup(1000);
+    f.set_fault_on(Ops::LIST, Fault::Hang);
+    f.record_calls();
+    let dir = p("a");
+    assert!(timeout(Duration::from_millis(50), f.list(&dir))
+        .await
+        .is_err());
+    let calls = f.calls();
+    assert_eq!(calls.len(), 1);
+    assert!(calls[0].ended.is_some());
+    assert_eq!(f.stats().in_flight_lists, 0);
 }
