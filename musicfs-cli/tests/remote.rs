@@ -224,8 +224,49 @@ fn sftp_library_plays_changes_and_survives_the_server() {
     plays_changes_and_survives_the_server(remote);
 }
 
-/// Bad credentials are a clear refusal (EACCES, "access denied" in status),
-/// not an empty library and not a retry storm; the wrong password is shown
+/// Starts a mount that must refuse to start; its one-line reason.
+fn refused(remote: &Remote) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mp = dir.path().join("mnt");
+    std::fs::create_dir_all(&mp).unwrap();
+    let cfg = dir.path().join("musicfs.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[origin.{NAME}]\nurl = \"{}\"\n{}\n",
+            remote.url, remote.table
+        ),
+    )
+    .unwrap();
+    let out = Command::new(daemon::BIN)
+        .arg("mount")
+        .arg(&mp)
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .arg("--config")
+        .arg(&cfg)
+        .envs(remote.env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "mounted anyway: {out:?}");
+    assert!(!daemon::is_mounted(&mp), "left a mount behind");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for s in &remote.secrets {
+        assert!(
+            !text.contains(s.as_str()),
+            "a secret in the output:\n{text}"
+        );
+    }
+    text
+}
+
+/// Bad credentials with nothing cached are a clear refusal to start that
+/// names the cause, never an empty library; the wrong password is shown
 /// nowhere.
 #[test]
 fn webdav_wrong_password_is_access_denied() {
@@ -233,26 +274,14 @@ fn webdav_wrong_password_is_access_denied() {
     let lib = make_library(&LibrarySpec::default()).unwrap();
     dav.put_tree("lib", &lib).unwrap();
     let wrong = "not-the-password-5926".to_owned();
-    let remote = Remote {
+    let text = refused(&Remote {
         server: &dav,
         url: format!("dav://{}/lib", dav.addr()),
         table: format!("user = \"{}\"\npassword = \"{wrong}\"", dav.user()),
         env: vec![],
         secrets: vec![wrong.clone()],
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let (mut d, mp, cache) = mount(&remote, &dir, &[]);
-    let err = std::fs::read_dir(mp.join(NAME)).expect_err("listing with a wrong password");
-    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
-    wait_until("status to say access denied", || {
-        status(&cache)["origins"][0]["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("access denied"))
     });
-    let st = status(&cache).to_string();
-    d.stop();
-    assert!(!d.log.all().contains(&wrong), "password in the log");
-    assert!(!st.contains(&wrong), "password in status");
+    assert!(text.contains("access denied"), "{text}");
 }
 
 /// A server whose host key is not the one known is refused, never trusted
@@ -265,24 +294,65 @@ fn sftp_changed_host_key_is_refused() {
     let cfg = sftp
         .ssh_config_with_known_hosts(&sftp.wrong_known_hosts())
         .unwrap();
-    let remote = Remote {
+    let text = refused(&Remote {
         server: &sftp,
         url: format!("{}/lib", sftp.url()),
         table: format!("ssh_config = \"{}\"", cfg.display()),
         env: vec![],
         secrets: vec![],
+    });
+    assert!(text.to_ascii_lowercase().contains("host key"), "{text}");
+}
+
+/// Credentials that go bad while the library is cached (a revoked key):
+/// the mount keeps serving the cache, an uncached read is EACCES (not an
+/// empty library, not ENOENT), and status says access denied.
+#[test]
+fn s3_revoked_credentials_keep_the_cache_and_say_access_denied() {
+    let s3 = S3Server::start().unwrap();
+    let lib = make_library(&LibrarySpec::default()).unwrap();
+    s3.put_tree("lib", &lib).unwrap();
+    let mut remote = Remote {
+        server: &s3,
+        url: format!("s3://{}/lib", s3.bucket()),
+        table: format!(
+            "endpoint = \"{}\"\nregion = \"{}\"",
+            s3.endpoint(),
+            s3.region()
+        ),
+        env: vec![
+            ("AWS_ACCESS_KEY_ID", s3.access_key_id().to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", s3.secret_access_key().to_owned()),
+        ],
+        secrets: vec![],
     };
     let dir = tempfile::tempdir().unwrap();
+    let files = library_files(&lib);
+    let (uncached, cached) = files.split_last().unwrap();
+    {
+        let (mut d, mp, _) = mount(&remote, &dir, &[]);
+        let want = std::fs::read(lib.join(&cached[0])).unwrap();
+        assert_eq!(read(&mp.join(NAME).join(&cached[0])).unwrap(), want);
+        // The listing of every directory on the way to the uncached file.
+        let parent = mp.join(NAME).join(uncached.parent().unwrap());
+        assert!(std::fs::read_dir(&parent).unwrap().count() > 0);
+        d.stop();
+    }
+    let wrong = "revoked-secret-7731".to_owned();
+    remote.env[1].1 = wrong.clone();
+    remote.secrets = vec![wrong.clone()];
     let (mut d, mp, cache) = mount(&remote, &dir, &[]);
-    let err = std::fs::read_dir(mp.join(NAME)).expect_err("listing a server with a changed key");
-    assert!(
-        matches!(err.raw_os_error(), Some(libc::EACCES) | Some(libc::EIO)),
-        "{err}"
-    );
-    wait_until("status to name the host key", || {
+    let want = std::fs::read(lib.join(&cached[0])).unwrap();
+    assert_eq!(read(&mp.join(NAME).join(&cached[0])).unwrap(), want);
+    let err = read(&mp.join(NAME).join(uncached)).expect_err("uncached read, revoked key");
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    wait_until("status to say access denied", || {
         status(&cache)["origins"][0]["last_error"]
             .as_str()
-            .is_some_and(|e| e.to_ascii_lowercase().contains("host key"))
+            .is_some_and(|e| e.contains("access denied"))
     });
+    let st = status(&cache).to_string();
     d.stop();
+    assert!(!d.log.all().contains(&wrong), "the secret in the log");
+    assert!(!st.contains(&wrong), "the secret in status");
 }

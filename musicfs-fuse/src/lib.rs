@@ -94,8 +94,9 @@ impl Default for FsConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum FuseError {
     #[error(
-        "origin '{origin}' is unavailable ({reason}) and nothing of it is cached yet; \
-         check that it is reachable (mounted, powered on), then start MusicFS again"
+        "origin '{origin}' cannot be read ({reason}) and nothing of it is cached yet; \
+         fix what the reason names (the origin reachable: mounted, powered on, online; its \
+         credentials; its host key), then start MusicFS again"
     )]
     OriginUnavailable { origin: OriginId, reason: String },
 
