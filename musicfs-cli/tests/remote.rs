@@ -7,6 +7,7 @@
 //! an uncached read fails with EIO (never ENOENT) and `status` says why;
 //! the origin rejoins by itself; and no secret shows in the log, `status`
 //! or the mount record.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 #[path = "support/daemon.rs"]
 mod daemon;
