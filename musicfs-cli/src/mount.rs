@@ -342,14 +342,16 @@ pub fn run(args: MountArgs, log_flag: Option<String>) -> Result<ExitCode> {
         .mountpoint
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", s.mountpoint.display()))?;
-    let lock = CacheLock::acquire(&s.cache_dir)?;
-
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
         .thread_name("musicfs")
         .build()
         .context("cannot start the async runtime")?;
+    // A remote origin's configuration (region, endpoint, URL) is checked
+    // here, before anything is locked, so a mistake stays one line.
+    let mut remotes = rt.block_on(origins::connect_remotes(&s.origins))?;
+    let lock = CacheLock::acquire(&s.cache_dir)?;
     // From here a SIGHUP waits in this stream for the main loop to reload.
     let mut hangup = rt
         .block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) })
@@ -394,8 +396,8 @@ pub fn run(args: MountArgs, log_flag: Option<String>) -> Result<ExitCode> {
         health: &health,
         fds_per_origin: budget.per_origin,
     };
-    for o in &s.origins {
-        let origin = rt.block_on(origins::build(o, &parts))?;
+    for (o, remote) in s.origins.iter().zip(remotes.drain(..)) {
+        let origin = origins::build(o, remote, &parts);
         info!(origin = %o.name, location = %o.location, "origin");
         cache.add_origin(origin.clone());
         origins.push(origin);

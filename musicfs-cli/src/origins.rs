@@ -14,6 +14,7 @@
 //! requests in flight per origin). The whole read, retries included, is
 //! bounded by `--read-timeout` in the cache.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,30 +55,31 @@ pub fn cached_root(cache: &Cache, origin: &OriginSpec) -> Vec<musicfs_origins::D
     }
 }
 
-/// Builds the stack for one origin. Only mistakes of configuration fail
-/// here: a server that does not answer now is the health monitor's
-/// business, and the mount serves the cached tree meanwhile.
-pub async fn build(o: &OriginSpec, parts: &StackParts<'_>) -> Result<DynOrigin, UsageError> {
-    let (storage, policy): (DynOrigin, RetryPolicy) = match &o.location {
-        Location::Dir(dir) => (
-            Arc::new(
-                LocalOrigin::new(o.name.clone(), dir.clone())
-                    .with_max_blocking(parts.fds_per_origin),
-            ),
-            RetryPolicy {
-                max_attempts: 2,
-                initial_backoff: Duration::from_millis(200),
-                max_backoff: Duration::from_secs(1),
-            },
-        ),
-        Location::Remote(spec) => {
-            let remote = RemoteOrigin::connect(o.name.clone(), (**spec).clone())
-                .await
-                .map_err(|e| UsageError(format!("origin {}: {e}", o.name)))?;
-            let limited = LimitOrigin::new(
-                Arc::new(remote),
-                o.connections.unwrap_or(DEFAULT_CONNECTIONS),
-            );
+/// Connects each remote origin (no network needed: a server that is down
+/// now is the health monitor's business). Only mistakes of configuration
+/// fail, and they fail before anything is locked or mounted, as one line.
+pub async fn connect_remotes(origins: &[OriginSpec]) -> Result<Vec<Option<DynOrigin>>, UsageError> {
+    let mut out = Vec::with_capacity(origins.len());
+    for o in origins {
+        out.push(match &o.location {
+            Location::Dir(_) => None,
+            Location::Remote(spec) => {
+                let remote = RemoteOrigin::connect(o.name.clone(), (**spec).clone())
+                    .await
+                    .map_err(|e| UsageError(format!("origin {}: {e}", o.name)))?;
+                Some(Arc::new(remote) as DynOrigin)
+            }
+        });
+    }
+    Ok(out)
+}
+
+/// Builds the stack for one origin over `remote`, its connected
+/// [`RemoteOrigin`] (from [`connect_remotes`]; `None` for a directory).
+pub fn build(o: &OriginSpec, remote: Option<DynOrigin>, parts: &StackParts<'_>) -> DynOrigin {
+    let (storage, policy): (DynOrigin, RetryPolicy) = match (&o.location, remote) {
+        (Location::Remote(_), Some(remote)) => {
+            let limited = LimitOrigin::new(remote, o.connections.unwrap_or(DEFAULT_CONNECTIONS));
             let timed = TimeoutOrigin::new(
                 Arc::new(limited),
                 o.timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT),
@@ -94,6 +96,19 @@ pub async fn build(o: &OriginSpec, parts: &StackParts<'_>) -> Result<DynOrigin, 
                 },
             )
         }
+        (location, _) => {
+            let dir = location.dir().map(Path::to_path_buf).unwrap_or_default();
+            (
+                Arc::new(
+                    LocalOrigin::new(o.name.clone(), dir).with_max_blocking(parts.fds_per_origin),
+                ),
+                RetryPolicy {
+                    max_attempts: 2,
+                    initial_backoff: Duration::from_millis(200),
+                    max_backoff: Duration::from_secs(1),
+                },
+            )
+        }
     };
     // An emptied or absent root while the cache holds the tree is an
     // unmounted NAS (or a wrong prefix), not an empty library; the guard
@@ -104,5 +119,5 @@ pub async fn build(o: &OriginSpec, parts: &StackParts<'_>) -> Result<DynOrigin, 
     // unhealthy `--health-timeout` after a read starts waiting, not only at
     // the next periodic probe.
     let watched = parts.health.watch(Arc::new(guard));
-    Ok(Arc::new(RetryOrigin::new(watched, policy)))
+    Arc::new(RetryOrigin::new(watched, policy))
 }
