@@ -515,8 +515,10 @@ class Daemon:
     """One `musicfs mount` process; stdout and stderr go to files in the
     run's log dir (stderr is scanned for panics)."""
 
-    def __init__(self, run, mountpoint, cache_dir, origins, extra=(), nofile=None, tag="daemon"):
+    def __init__(self, run, mountpoint, cache_dir, origins, extra=(), nofile=None, tag="daemon", env=None):
         self.run = run
+        # Added to this process's environment (e.g. an S3 origin's keys).
+        self.env = dict(os.environ, **env) if env else None
         self.mountpoint = mountpoint
         self.cache_dir = cache_dir
         self.n = len([d for d in run.daemons]) + 1
@@ -538,7 +540,8 @@ class Daemon:
             err.write(("$ %s\n" % " ".join(self.cmd)).encode())
             err.flush()
             # prlimit execs the command, so this PID is the daemon's.
-            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                         env=self.env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with open(self.out, "rb") as f:

@@ -360,8 +360,13 @@ impl RemoteServer for S3Server {
         };
         process::run(
             self.rclone()
-                .args(["copy", "--ignore-times", "--transfers", "8"])
+                .args(["copy", "--ignore-times", "--transfers", "16"])
                 .args(["--checkers", "8", "--s3-upload-cutoff", "5G"])
+                // Every file is uploaded anyway (--ignore-times), so neither
+                // a listing of the destination nor a HEAD after each upload
+                // is needed: 10,000 small objects go up in a fraction of the
+                // time.
+                .args(["--no-check-dest", "--s3-no-head"])
                 .arg(local)
                 .arg(remote),
         )
