@@ -74,8 +74,11 @@ def musicfs_bin():
         if not os.access(env, os.X_OK):
             sys.exit("torture: MUSICFS_BIN=%s is not an executable" % env)
         return os.path.abspath(env)
-    print("torture: cargo build -p musicfs-cli", flush=True)
-    r = subprocess.run(["cargo", "build", "-p", "musicfs-cli"], cwd=REPO)
+    # One invocation for both packages: cargo unifies features per
+    # invocation, so building them apart would build every dependency twice.
+    print("torture: cargo build -p musicfs-cli -p musicfs-test-utils --bins", flush=True)
+    r = subprocess.run(["cargo", "build", "-p", "musicfs-cli", "-p", "musicfs-test-utils", "--bins"],
+                       cwd=REPO)
     if r.returncode != 0:
         sys.exit("torture: cargo build -p musicfs-cli failed")
     target = os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target"))

@@ -34,8 +34,11 @@ def tool_bins(build=True):
         return os.path.abspath(servers), os.path.abspath(proxy)
     target = os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target"))
     if build:
-        print("cargo build -p musicfs-test-utils --bins", file=sys.stderr, flush=True)
-        r = subprocess.run(["cargo", "build", "-q", "-p", "musicfs-test-utils", "--bins"], cwd=REPO)
+        # The same invocation as common.musicfs_bin, so the dependencies
+        # built for one serve the other.
+        print("cargo build -p musicfs-cli -p musicfs-test-utils --bins", file=sys.stderr, flush=True)
+        r = subprocess.run(["cargo", "build", "-q", "-p", "musicfs-cli", "-p", "musicfs-test-utils",
+                            "--bins"], cwd=REPO)
         if r.returncode != 0:
             sys.exit("cargo build -p musicfs-test-utils --bins failed")
     servers = servers or os.path.join(target, "debug", "musicfs-servers")
