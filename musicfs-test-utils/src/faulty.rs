@@ -17,6 +17,9 @@
 //!   show the attempts MusicFS made, not just the successes.
 //! - `in_flight_reads` is decremented by a drop guard, so a read cancelled
 //!   by a caller's timeout still leaves the count correct.
+//! - [`Origin::whole_digest`] is the inner origin's, so with
+//!   [`Fault::CorruptBytes`] a download disagrees with the digest stated
+//!   for it, as a corrupt first download from a store would.
 //! - Injected errors are always [`OriginError::Unavailable`] (retryable) with
 //!   a reason starting with `injected fault:`, so a test can tell them from
 //!   real errors of the inner origin.
@@ -31,6 +34,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use musicfs_origins::{
     DirEntry, DynOrigin, EntryMeta, FileVersion, Origin, OriginError, OriginId, OriginPath, Result,
+    WholeDigest,
 };
 use parking_lot::Mutex;
 
@@ -61,7 +65,20 @@ pub enum Fault {
     /// A throttled link: each call first waits `latency_ms`, and `read_range`
     /// additionally waits `bytes / bytes_per_sec` seconds for the bytes it
     /// returns. `bytes_per_sec == 0` means no throughput limit (latency only).
+    /// Each call has the whole rate to itself, so calls in flight at once
+    /// add up to more than it.
     Bandwidth { bytes_per_sec: u64, latency_ms: u64 },
+    /// One shared link: each call first waits `latency_ms` (the round
+    /// trip), then the bytes `read_range` returns queue for a pipe of
+    /// `bytes_per_sec` that all calls share, one transfer after another, so
+    /// calls in flight at once never get more than the rate together.
+    /// `bytes_per_sec == 0` means latency only.
+    Link { bytes_per_sec: u64, latency_ms: u64 },
+    /// `read_range` calls that start at or past this file offset never
+    /// complete (until their future is dropped): a stream that stalls past
+    /// the start of a file, while a first read still works. Other
+    /// operations pass.
+    HangFrom(u64),
 }
 
 /// A set of operation kinds a fault applies to.
@@ -237,6 +254,8 @@ pub struct FaultyOrigin {
     faults: Mutex<Faults>,
     range_reads: AtomicBool,
     counters: Counters,
+    /// When the shared pipe of [`Fault::Link`] is free again.
+    link_free: Mutex<tokio::time::Instant>,
 }
 
 impl FaultyOrigin {
@@ -255,6 +274,7 @@ impl FaultyOrigin {
             faults: Mutex::new(Faults::all(Fault::None)),
             range_reads,
             counters: Counters::default(),
+            link_free: Mutex::new(tokio::time::Instant::now()),
         })
     }
 
@@ -358,7 +378,7 @@ impl FaultyOrigin {
         let slot = self.slot(op);
         let call = slot.calls.fetch_add(1, Ordering::SeqCst) + 1;
         match &slot.fault {
-            Fault::None | Fault::CorruptBytes | Fault::Truncate => {}
+            Fault::None | Fault::CorruptBytes | Fault::Truncate | Fault::HangFrom(_) => {}
             Fault::TimeoutMs(ms) => tokio::time::sleep(Duration::from_millis(*ms)).await,
             Fault::Hang => std::future::pending::<()>().await,
             Fault::Transient => return Err(self.injected(format!("transient failure ({op:?})"))),
@@ -367,7 +387,7 @@ impl FaultyOrigin {
                     return Err(self.injected(format!("call {call} fails, every {n}th ({op:?})")));
                 }
             }
-            Fault::Bandwidth { latency_ms, .. } => {
+            Fault::Bandwidth { latency_ms, .. } | Fault::Link { latency_ms, .. } => {
                 tokio::time::sleep(Duration::from_millis(*latency_ms)).await;
             }
         }
@@ -389,12 +409,26 @@ impl FaultyOrigin {
         len: u64,
     ) -> Result<Bytes> {
         let fault = self.before(Op::Read).await?;
+        if matches!(fault, Fault::HangFrom(from) if offset >= from) {
+            std::future::pending::<()>().await;
+        }
         let data = self.inner.read_range(path, version, offset, len).await?;
         Ok(match fault {
             Fault::CorruptBytes => corrupt(&data, offset),
             Fault::Truncate => data.slice(..data.len() / 2),
             Fault::Bandwidth { bytes_per_sec, .. } => {
                 tokio::time::sleep(transfer_time(data.len() as u64, bytes_per_sec)).await;
+                data
+            }
+            Fault::Link { bytes_per_sec, .. } => {
+                let transfer = transfer_time(data.len() as u64, bytes_per_sec);
+                let done = {
+                    let mut free = self.link_free.lock();
+                    let done = (*free).max(tokio::time::Instant::now()) + transfer;
+                    *free = done;
+                    done
+                };
+                tokio::time::sleep_until(done).await;
                 data
             }
             _ => data,
@@ -491,6 +525,10 @@ impl Origin for FaultyOrigin {
 
     fn supports_range_reads(&self) -> bool {
         self.range_reads.load(Ordering::SeqCst)
+    }
+
+    fn whole_digest(&self, path: &OriginPath, version: &FileVersion) -> Option<WholeDigest> {
+        self.inner.whole_digest(path, version)
     }
 }
 
