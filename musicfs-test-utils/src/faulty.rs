@@ -530,6 +530,9 @@ impl Origin for FaultyOrigin {
     fn whole_digest(&self, path: &OriginPath, version: &FileVersion) -> Option<WholeDigest> {
         self.inner.whole_digest(path, version)
     }
+    fn call_limit(&self) -> Option<usize> {
+        self.inner.call_limit()
+    }
 }
 
 #[cfg(test)]
