@@ -39,7 +39,7 @@ pub mod store;
 mod tree;
 pub mod verify;
 
-pub use cache::{Cache, CacheConfig, FileHandle};
+pub use cache::{Cache, CacheConfig, FileHandle, LinkEstimate};
 pub use chunk::{ChunkId, ChunkParams};
 pub use index::Index;
 pub use listing::Listing;
@@ -51,7 +51,7 @@ pub use verify::{Finding, FindingKind, VerifyReport};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use musicfs_origins::{OriginError, OriginId};
+use musicfs_origins::{OriginError, OriginId, WholeDigest};
 
 /// Everything the cache can report. Each message says what happened and,
 /// where the user can act, what to do.
@@ -74,6 +74,14 @@ pub enum CasError {
         origin: OriginId,
         path: String,
         reason: String,
+    },
+
+    #[error("{origin}: the download of '{path}' does not match the checksum the origin states for it (expected {expected}, got {got}); nothing of it was cached. Open the file again to download it again; if this repeats, the object or its checksum is damaged on the origin")]
+    OriginCorrupt {
+        origin: OriginId,
+        path: String,
+        expected: WholeDigest,
+        got: WholeDigest,
     },
 
     #[error("{origin}: no answer for '{path}' within {timeout:?}; the origin may be hung")]
