@@ -12,9 +12,11 @@
 //!   and [`manifest`]s. It is a disposable cache of the chunk files: when it
 //!   is damaged it is moved aside and rebuilt from them.
 //! - [`cache`]: what the filesystem calls. Opens files against their origin
-//!   version, ingests them sequentially in the background as they are read,
-//!   serves reads from chunks, the ingest buffer or the origin directly, and
-//!   re-fetches damaged chunks by their byte range.
+//!   version, ingests them in order in the background as they are read
+//!   (several ranges in flight over a long link), serves reads from chunks,
+//!   the ingest buffer or the origin directly (a player's read before
+//!   read-ahead), re-fetches damaged chunks by their byte range, and checks
+//!   a first download against the whole-file digest an origin states.
 //! - `tree`: checks part of a chunk against the chunk's BLAKE3 hash tree,
 //!   so a small read of a cached chunk needs not hash all of it.
 //! - [`stats`]: the figures `musicfs status` and `statfs` show, all kept as

@@ -7,7 +7,7 @@
 //! first read costs about one small origin request, doubling to 2 MiB),
 //! with several ranges in flight at once over a long link: about
 //! bandwidth × round trip of the origin's link (`link.rs`), at most
-//! [`MAX_REQUESTS`] and [`MAX_WINDOW`]. Their answers are consumed strictly
+//! 8 ranges and 16 MiB (`link.rs`). Their answers are consumed strictly
 //! in file order. It runs `readahead` bytes ahead of the furthest
 //! sequential read (no range is asked for past that) and then pauses, so
 //! playing the first seconds of a track never downloads the whole track.
@@ -49,7 +49,7 @@ use tracing::{debug, info, warn};
 use crate::manifest::ChunkRef;
 use crate::{CasError, ChunkId, Result};
 
-use super::link::{Class, MAX_REQUESTS, MAX_WINDOW};
+use super::link::{Class, MAX_REQUESTS};
 use super::*;
 
 /// First ingest request; doubles per request up to [`MAX_BLOCK`].
@@ -166,8 +166,28 @@ pub(super) async fn run_ingest(weak: Weak<OpenFile>, cache: Arc<CacheInner>) {
                 }
                 held = Some(file);
             }
+            IngestStep::Issue(from, len, class)
+                if fetches.is_empty() && file.link.window() <= len =>
+            {
+                // The only range the window allows in flight: read it right
+                // here, so an origin that answers at once (local disk,
+                // memory) costs no hand-off between tasks.
+                block = (block * 2).min(MAX_BLOCK);
+                let range = fetch_range(&cache, &file, from, len, class);
+                // Do not keep the file alive across a possibly long wait.
+                drop(file);
+                let read = range.await;
+                let Some(file) = weak.upgrade() else { return };
+                if !take_in(&file, &cache, from, read) {
+                    return;
+                }
+                held = Some(file);
+                // As after any range taken in (see below).
+                tokio::task::yield_now().await;
+            }
             IngestStep::Issue(from, len, class) => {
-                fetches.push_back(spawn_fetch(&cache, &file, from, len, class));
+                let task = tokio::spawn(fetch_range(&cache, &file, from, len, class));
+                fetches.push_back(Fetch { from, len, task });
                 block = (block * 2).min(MAX_BLOCK);
                 held = Some(file);
             }
@@ -198,7 +218,7 @@ pub(super) async fn run_ingest(weak: Weak<OpenFile>, cache: Arc<CacheInner>) {
                         let Some(fetch) = fetches.pop_front() else {
                             return;
                         };
-                        if !take_in(&file, &cache, &fetch, read) {
+                        if !take_in(&file, &cache, fetch.from, read) {
                             return;
                         }
                         // The reader may close as soon as it has these
@@ -246,8 +266,7 @@ fn decide(
     let may_issue = !st.stale
         && issued_end < size
         && issued_end < st.want_until
-        && (fetches.is_empty()
-            || (fetches.len() < MAX_REQUESTS && in_flight < file.link.window().min(MAX_WINDOW)));
+        && (fetches.is_empty() || (fetches.len() < MAX_REQUESTS && in_flight < file.link.window()));
     if cuttable && storing.len() < STORES_IN_FLIGHT {
         let n = params.next_cut(&st.tail, eof).unwrap_or(uncut);
         // Copied out so the tail's buffer is reused for the next origin
@@ -308,23 +327,24 @@ fn decide(
     }
 }
 
-/// Starts reading `(from, len)` of the file's version from the origin. A
-/// read-ahead range waits for a place at the origin's link, and goes out
-/// as a user read once a reader waits for its bytes.
-fn spawn_fetch(
+/// Reads `(from, len)` of the file's version from the origin; holds
+/// nothing of the file. A read-ahead range waits for a place at the
+/// origin's link, and goes out as a user read once a reader waits for its
+/// bytes.
+fn fetch_range(
     cache: &Arc<CacheInner>,
     file: &OpenFile,
     from: u64,
     len: u64,
     class: Class,
-) -> Fetch {
+) -> impl std::future::Future<Output = Result<Bytes>> + Send + 'static {
     let cache = Arc::clone(cache);
     let link = Arc::clone(&file.link);
     let waiting = file.waiting.subscribe();
     let origin = file.origin.clone();
     let path = file.path.clone();
     let version = file.version.clone();
-    let task = tokio::spawn(async move {
+    async move {
         let slot = match class {
             Class::ReadAhead => link.acquire_readahead(waiting, from).await,
             class => link.acquire(class).await,
@@ -332,8 +352,7 @@ fn spawn_fetch(
         cache
             .read_in_slot(&slot, &origin, &path, &version, from, len)
             .await
-    });
-    Fetch { from, len, task }
+    }
 }
 
 fn joined_range(r: std::result::Result<Result<Bytes>, tokio::task::JoinError>) -> Result<Bytes> {
@@ -358,8 +377,7 @@ fn joined_store(
 /// (waking the readers), feeds the whole-file check. False when the ingest
 /// must stop (the state says why); the ranges still in flight are then
 /// dropped with it.
-fn take_in(file: &OpenFile, cache: &CacheInner, fetch: &Fetch, read: Result<Bytes>) -> bool {
-    let from = fetch.from;
+fn take_in(file: &OpenFile, cache: &CacheInner, from: u64, read: Result<Bytes>) -> bool {
     match read {
         Ok(data) => {
             cache

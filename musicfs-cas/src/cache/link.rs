@@ -38,6 +38,10 @@ pub(crate) const DEFAULT_SLOTS: usize = 16;
 pub(crate) const MAX_REQUESTS: usize = 8;
 /// Bytes the ingest of one file keeps in flight at most.
 pub(crate) const MAX_WINDOW: u64 = 16 << 20;
+/// A link whose round trip is shorter than this (a local disk, memory, a
+/// LAN NAS) gets one read at a time: more in flight would save less than
+/// handing reads between tasks costs.
+const MIN_RTT: Duration = Duration::from_millis(2);
 /// How long the least time a read took stands as the round trip: a
 /// longer one replaces it only after this (the route may have changed).
 const RTT_WINDOW: Duration = Duration::from_secs(10);
@@ -272,12 +276,16 @@ impl Link {
 
     /// Bytes one ingest keeps in flight: about bandwidth × round trip (with
     /// a margin), shared by the origin's running ingests, at most
-    /// [`MAX_WINDOW`]. 0 while nothing is measured: one read at a time.
+    /// [`MAX_WINDOW`]. 0 while nothing is measured, and on a link faster
+    /// than [`MIN_RTT`]: one read at a time.
     pub(crate) fn window(&self) -> u64 {
         let e = self.estimates.lock();
         let (Some((rtt, _)), Some(bw)) = (e.rtt, e.bandwidth) else {
             return 0;
         };
+        if rtt < MIN_RTT {
+            return 0;
+        }
         let share = self.ingests.load(Ordering::Acquire).max(1) as f64;
         let w = GAIN * bw * rtt.as_secs_f64() / share;
         // Float to int saturates; NaN becomes 0.

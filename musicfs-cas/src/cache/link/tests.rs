@@ -174,7 +174,20 @@ async fn the_window_is_bandwidth_times_round_trip_shared_by_the_ingests() {
     assert_eq!(link.estimate().rtt, Some(Duration::from_millis(30)));
     // Never more than the cap.
     let sent = link.sent();
-    tokio::time::advance(Duration::from_millis(1)).await;
+    tokio::time::advance(Duration::from_millis(40)).await;
     link.completed(sent, 1 << 30);
     assert_eq!(link.window(), MAX_WINDOW);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_link_that_answers_within_a_few_ms_gets_one_read_at_a_time() {
+    let link = Link::new(None);
+    // A local disk: 2 MiB in a millisecond, 2 GB/s.
+    for _ in 0..3 {
+        let sent = link.sent();
+        tokio::time::advance(Duration::from_millis(1)).await;
+        link.completed(sent, 2048 * KIB);
+    }
+    assert!(link.estimate().bandwidth.unwrap() > 1e9);
+    assert_eq!(link.window(), 0);
 }
