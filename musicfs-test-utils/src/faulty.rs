@@ -74,11 +74,11 @@ pub enum Fault {
     /// calls in flight at once never get more than the rate together.
     /// `bytes_per_sec == 0` means latency only.
     Link { bytes_per_sec: u64, latency_ms: u64 },
-    /// `read_range` calls that start at or past this file offset never
-    /// complete (until their future is dropped): a stream that stalls past
-    /// the start of a file, while a first read still works. Other
-    /// operations pass.
-    HangFrom(u64),
+    /// A stream that stalls past the start of a file while a first read
+    /// still works: each call first waits `latency_ms`, then `read_range`
+    /// calls that start at or past `offset` never complete (until their
+    /// future is dropped). Other operations pass after the wait.
+    HangFrom { offset: u64, latency_ms: u64 },
 }
 
 /// A set of operation kinds a fault applies to.
@@ -378,7 +378,7 @@ impl FaultyOrigin {
         let slot = self.slot(op);
         let call = slot.calls.fetch_add(1, Ordering::SeqCst) + 1;
         match &slot.fault {
-            Fault::None | Fault::CorruptBytes | Fault::Truncate | Fault::HangFrom(_) => {}
+            Fault::None | Fault::CorruptBytes | Fault::Truncate => {}
             Fault::TimeoutMs(ms) => tokio::time::sleep(Duration::from_millis(*ms)).await,
             Fault::Hang => std::future::pending::<()>().await,
             Fault::Transient => return Err(self.injected(format!("transient failure ({op:?})"))),
@@ -387,7 +387,9 @@ impl FaultyOrigin {
                     return Err(self.injected(format!("call {call} fails, every {n}th ({op:?})")));
                 }
             }
-            Fault::Bandwidth { latency_ms, .. } | Fault::Link { latency_ms, .. } => {
+            Fault::Bandwidth { latency_ms, .. }
+            | Fault::Link { latency_ms, .. }
+            | Fault::HangFrom { latency_ms, .. } => {
                 tokio::time::sleep(Duration::from_millis(*latency_ms)).await;
             }
         }
@@ -409,7 +411,7 @@ impl FaultyOrigin {
         len: u64,
     ) -> Result<Bytes> {
         let fault = self.before(Op::Read).await?;
-        if matches!(fault, Fault::HangFrom(from) if offset >= from) {
+        if matches!(fault, Fault::HangFrom { offset: from, .. } if offset >= from) {
             std::future::pending::<()>().await;
         }
         let data = self.inner.read_range(path, version, offset, len).await?;

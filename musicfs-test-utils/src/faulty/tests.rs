@@ -287,9 +287,14 @@ async fn a_link_is_shared_by_the_calls_in_flight() {
 #[tokio::test(start_paused = true)]
 async fn hang_from_stalls_only_reads_past_the_offset() {
     let (_mem, f, data) = setup(10_000);
-    f.set_fault(Fault::HangFrom(4096));
+    f.set_fault(Fault::HangFrom {
+        offset: 4096,
+        latency_ms: 20,
+    });
     let file = p(FILE);
+    let start = Instant::now();
     let head = read(&f, &file, 0, 4096).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(20));
     assert_eq!(&head[..], &data[..4096]);
     f.stat(&file).await.unwrap();
     let stalled = timeout(Duration::from_secs(3600), read(&f, &file, 4096, 10)).await;
