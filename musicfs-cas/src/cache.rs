@@ -126,6 +126,13 @@ pub struct Cache {
     inner: Arc<CacheInner>,
 }
 
+/// A place at an origin's link for background work; see
+/// [`Cache::background_turn`]. Frees it on drop.
+#[derive(Debug)]
+pub struct BackgroundTurn {
+    _slot: link::Slot,
+}
+
 /// An open file; reads go through it. Dropping the last handle of a file
 /// stops its ingest (the manifest so far stays in the index).
 #[derive(Debug, Clone)]
@@ -192,6 +199,16 @@ impl Cache {
             .origins
             .write()
             .insert(origin.id().clone(), origin);
+    }
+
+    /// A turn for background work at `origin` (a listing refresh nobody
+    /// waits for): it comes after every queued read-ahead, so a refresh
+    /// never delays a stream, let alone a player's read. Hold it while the
+    /// work's origin calls run.
+    pub async fn background_turn(&self, origin: &OriginId) -> BackgroundTurn {
+        BackgroundTurn {
+            _slot: self.inner.link(origin).acquire(Class::Background).await,
+        }
     }
 
     /// What the cache has measured of the link to `origin` so far.

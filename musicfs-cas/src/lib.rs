@@ -41,7 +41,7 @@ pub mod store;
 mod tree;
 pub mod verify;
 
-pub use cache::{Cache, CacheConfig, FileHandle, LinkEstimate};
+pub use cache::{BackgroundTurn, Cache, CacheConfig, FileHandle, LinkEstimate};
 pub use chunk::{ChunkId, ChunkParams};
 pub use index::Index;
 pub use listing::Listing;

@@ -225,6 +225,12 @@ async fn a_users_read_is_not_queued_behind_read_ahead() {
         3,
         "read-ahead grew past its share"
     );
+    // Background work (a listing refresh) waits behind queued read-ahead.
+    let mut turn = Box::pin(cache.background_turn(limited.id()));
+    assert!(
+        futures::FutureExt::now_or_never(&mut turn).is_none(),
+        "background work went before queued read-ahead"
+    );
     drop((b, c));
 }
 
