@@ -13,8 +13,13 @@
 //!    evicted chunks, read-through when the cache disk fails.
 //! 3. `cache/ingest.rs`: the background stream that caches a file as it is
 //!    played (with the state diagram of an ingest).
-//! 4. `cache/fetch.rs`: every origin read, bound to the handle's version.
-//! 5. `cache/state.rs`: the state an open file shares between its handles.
+//! 4. `cache/digest.rs`: the whole-file check of a first download against
+//!    the digest the origin states.
+//! 5. `cache/fetch.rs`: every origin read, bound to the handle's version.
+//! 6. `cache/link.rs`: per origin, the order reads go out in (a user's
+//!    read before read-ahead, read-ahead before verify) and the measured
+//!    round trip and bandwidth that size the ingest's window.
+//! 7. `cache/state.rs`: the state an open file shares between its handles.
 //!
 //! When the cache disk is unusable the ingest stops and reads are served by
 //! the origin (passthrough); the store recovers by itself later.
@@ -39,14 +44,19 @@ use crate::tree::TreeMemo;
 use crate::{CasError, ChunkParams, Result};
 
 mod chunks;
+mod digest;
 mod fetch;
 mod ingest;
+mod link;
 mod read;
 mod state;
 #[cfg(test)]
 mod tests;
 
+use digest::WholeCheck;
 use ingest::{run_ingest, IngestRunning};
+pub use link::LinkEstimate;
+use link::{Class, Link};
 use state::{FileState, Ingest, IngestEvent, OpenFile, Slot};
 
 /// Chunk hash trees kept in memory (2 KiB per MiB of chunk): 4096 cover
@@ -101,6 +111,8 @@ struct CacheInner {
     config: CacheConfig,
     store: ChunkStore,
     origins: RwLock<HashMap<OriginId, DynOrigin>>,
+    /// Per origin: the order of its reads and what was measured of it.
+    links: Mutex<HashMap<OriginId, Arc<Link>>>,
     open: Mutex<HashMap<(OriginId, OriginPath), Weak<OpenFile>>>,
     counters: Counters,
     trees: Mutex<TreeMemo>,
@@ -112,6 +124,13 @@ struct CacheInner {
 #[derive(Debug, Clone)]
 pub struct Cache {
     inner: Arc<CacheInner>,
+}
+
+/// A place at an origin's link for background work; see
+/// [`Cache::background_turn`]. Frees it on drop.
+#[derive(Debug)]
+pub struct BackgroundTurn {
+    _slot: link::Slot,
 }
 
 /// An open file; reads go through it. Dropping the last handle of a file
@@ -163,6 +182,7 @@ impl Cache {
                 config,
                 store,
                 origins: RwLock::new(HashMap::new()),
+                links: Mutex::new(HashMap::new()),
                 open: Mutex::new(HashMap::new()),
                 counters: Counters::default(),
                 trees: Mutex::new(TreeMemo::new(TREES)),
@@ -173,10 +193,28 @@ impl Cache {
     }
 
     pub fn add_origin(&self, origin: DynOrigin) {
+        let link = Link::new(origin.call_limit());
+        self.inner.links.lock().insert(origin.id().clone(), link);
         self.inner
             .origins
             .write()
             .insert(origin.id().clone(), origin);
+    }
+
+    /// A turn for background work at `origin` (a listing refresh nobody
+    /// waits for): it comes after every queued read-ahead, so a refresh
+    /// never delays a stream, let alone a player's read. Hold it while the
+    /// work's origin calls run.
+    pub async fn background_turn(&self, origin: &OriginId) -> BackgroundTurn {
+        BackgroundTurn {
+            _slot: self.inner.link(origin).acquire(Class::Background).await,
+        }
+    }
+
+    /// What the cache has measured of the link to `origin` so far.
+    pub fn link_estimate(&self, origin: &OriginId) -> Option<LinkEstimate> {
+        let link = self.inner.links.lock().get(origin).cloned();
+        link.map(|l| l.estimate())
     }
 
     pub fn origin(&self, id: &OriginId) -> Option<DynOrigin> {
@@ -212,7 +250,9 @@ impl Cache {
         // one OpenFile (and so one ingest).
         let mut open = self.inner.open.lock();
         if let Some(file) = open.get(&key).and_then(Weak::upgrade) {
-            if file.version == version {
+            // One whose download failed its check is done: a new open
+            // downloads the file again.
+            if file.version == version && file.state.lock().corrupt.is_none() {
                 return Ok(FileHandle {
                     file,
                     cache: self.inner.clone(),
@@ -240,7 +280,16 @@ impl Cache {
         } else {
             Ingest::Idle
         };
+        let whole = if manifest.is_complete() {
+            None
+        } else {
+            o.whole_digest(path, &version)
+                .map(|d| WholeCheck::new(d, manifest.covered() == 0))
+        };
         let file = Arc::new(OpenFile {
+            link: self.inner.link(origin),
+            waiting: watch::channel(0).0,
+            whole,
             origin: o,
             path: path.clone(),
             version,
@@ -254,6 +303,7 @@ impl Cache {
                 need_end: 0,
                 ingest,
                 stale: false,
+                corrupt: None,
             }),
             progress: watch::channel(0).0,
             recent: Mutex::new(VecDeque::new()),
@@ -326,7 +376,8 @@ impl Cache {
     }
 
     /// Re-fetches one chunk of a file from its origin by byte range, checks
-    /// it against `id` and stores it (verify's repair uses this too).
+    /// it against `id` and stores it: verify's repair, background work that
+    /// yields to reads at the origin's link.
     pub(crate) async fn refetch_chunk(
         &self,
         origin: &DynOrigin,
@@ -336,7 +387,7 @@ impl Cache {
         chunk: ChunkRef,
     ) -> Result<Bytes> {
         self.inner
-            .refetch_chunk(origin, path, version, start, chunk)
+            .refetch_chunk(origin, path, version, start, chunk, Class::Background)
             .await
     }
 }

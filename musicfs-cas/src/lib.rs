@@ -12,9 +12,11 @@
 //!   and [`manifest`]s. It is a disposable cache of the chunk files: when it
 //!   is damaged it is moved aside and rebuilt from them.
 //! - [`cache`]: what the filesystem calls. Opens files against their origin
-//!   version, ingests them sequentially in the background as they are read,
-//!   serves reads from chunks, the ingest buffer or the origin directly, and
-//!   re-fetches damaged chunks by their byte range.
+//!   version, ingests them in order in the background as they are read
+//!   (several ranges in flight over a long link), serves reads from chunks,
+//!   the ingest buffer or the origin directly (a player's read before
+//!   read-ahead), re-fetches damaged chunks by their byte range, and checks
+//!   a first download against the whole-file digest an origin states.
 //! - `tree`: checks part of a chunk against the chunk's BLAKE3 hash tree,
 //!   so a small read of a cached chunk needs not hash all of it.
 //! - [`stats`]: the figures `musicfs status` and `statfs` show, all kept as
@@ -39,7 +41,7 @@ pub mod store;
 mod tree;
 pub mod verify;
 
-pub use cache::{Cache, CacheConfig, FileHandle};
+pub use cache::{BackgroundTurn, Cache, CacheConfig, FileHandle, LinkEstimate};
 pub use chunk::{ChunkId, ChunkParams};
 pub use index::Index;
 pub use listing::Listing;
@@ -51,7 +53,7 @@ pub use verify::{Finding, FindingKind, VerifyReport};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use musicfs_origins::{OriginError, OriginId};
+use musicfs_origins::{OriginError, OriginId, WholeDigest};
 
 /// Everything the cache can report. Each message says what happened and,
 /// where the user can act, what to do.
@@ -74,6 +76,14 @@ pub enum CasError {
         origin: OriginId,
         path: String,
         reason: String,
+    },
+
+    #[error("{origin}: the download of '{path}' does not match the checksum the origin states for it (expected {expected}, got {got}); nothing of it was cached. Open the file again to download it again; if this repeats, the object or its checksum is damaged on the origin")]
+    OriginCorrupt {
+        origin: OriginId,
+        path: String,
+        expected: WholeDigest,
+        got: WholeDigest,
     },
 
     #[error("{origin}: no answer for '{path}' within {timeout:?}; the origin may be hung")]

@@ -28,9 +28,11 @@ use musicfs_origins::{
 use crate::config::{Location, OriginSpec, UsageError};
 
 /// Requests one remote origin has in flight at once, unless its
-/// `[origin.NAME] connections` says otherwise: enough for a few files'
-/// pipelined ingests and a listing walk.
-pub const DEFAULT_CONNECTIONS: usize = 16;
+/// `[origin.NAME] connections` says otherwise. The filesystem's listing
+/// read-ahead takes up to 16 and the cache keeps a quarter of the limit
+/// for reads a player waits on, so 32 leaves a walk, a few files'
+/// pipelined ingests and the player's own reads room side by side.
+pub const DEFAULT_CONNECTIONS: usize = 32;
 
 /// How long one request to a remote origin may take before it is
 /// abandoned (`[origin.NAME] timeout`). Long enough for a 2 MiB range on a

@@ -17,6 +17,7 @@
 //! | `Changed` / `OriginChanged` (changed, replaced or deleted while open) | `ESTALE` | the handle is bound to a version the origin no longer has. `ESTALE` ("stale file handle") is what NFS answers in the same case and says exactly what to do: open the file again, which reads the new version. `EIO` would read as a broken disk, `ENOENT` as a deleted file |
 //! | `TooManyOpenFiles` | `EIO` | the daemon, not the caller, ran out of fds; `EMFILE` would blame the player's own fd table |
 //! | `Unavailable`, `Timeout`, `Throttled`, `OriginTimeout`, `Io` | `EIO` | the origin is down, hung or failing; the cached tree and bytes keep being served, only this request failed |
+//! | `OriginCorrupt` (a download that does not match the checksum the origin states for the file) | `EIO` | the bytes the origin sent are wrong; nothing of them was cached, and opening the file again downloads it again. `ESTALE` would send the player to reopen in a loop against an object that may really be damaged |
 //! | `UnknownOrigin` | `ENOENT` | no origin by that name is mounted |
 //! | the cache disk (`CacheUnavailable`, cache `Io`, damaged chunks) | `EIO` | only when even the origin could not serve the bytes; normally such reads go through to the origin |
 //! | a read past `--read-timeout` | `EIO` | see `read` in `fs.rs`; a hung origin must not hang the player |
@@ -58,6 +59,7 @@ pub(crate) fn of_cas(err: &CasError) -> Errno {
         CasError::OriginChanged { .. } => Errno::ESTALE,
         CasError::UnknownOrigin { .. } => Errno::ENOENT,
         CasError::OriginTimeout { .. }
+        | CasError::OriginCorrupt { .. }
         | CasError::ChunkTooLarge { .. }
         | CasError::ChunkMissing { .. }
         | CasError::ChunkCorrupt { .. }
@@ -132,5 +134,12 @@ mod tests {
         };
         assert_eq!(of_cas(&hung), Errno::EIO);
         assert!(is_fault(of_cas(&hung)));
+        let corrupt = CasError::OriginCorrupt {
+            origin: OriginId::new("s3").unwrap(),
+            path: "a".into(),
+            expected: musicfs_origins::WholeDigest::Md5([1; 16]),
+            got: musicfs_origins::WholeDigest::Md5([2; 16]),
+        };
+        assert_eq!(of_cas(&corrupt), Errno::EIO);
     }
 }

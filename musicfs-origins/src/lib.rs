@@ -12,6 +12,9 @@
 //!   [`retry::RetryOrigin`], so that stacking wrappers never multiplies them.
 //! - Errors say whether retrying can help ([`OriginError::is_retryable`]):
 //!   a missing file is permanent, an unreachable NAS is not.
+//! - A wrapper passes on what the origin under it states about itself
+//!   ([`Origin::supports_range_reads`], [`Origin::whole_digest`],
+//!   [`Origin::call_limit`]), or the cache under-uses or over-trusts it.
 //! - A call never blocks a tokio worker thread: an origin that can hang (a
 //!   dead NAS mount) does its blocking work on threads of its own, so a hung
 //!   origin stalls only the callers that wait on it, and those callers bound
@@ -268,6 +271,15 @@ pub trait Origin: Send + Sync + fmt::Debug {
     fn whole_digest(&self, _path: &OriginPath, _version: &FileVersion) -> Option<WholeDigest> {
         None
     }
+
+    /// How many calls the origin lets run at once (a connection pool's
+    /// size), where it bounds them: calls past it wait for a slot in
+    /// arrival order. The cache keeps its read-ahead below it, so that a
+    /// player's read finds a free slot instead of queueing behind
+    /// read-ahead. Wrappers pass on the inner origin's answer.
+    fn call_limit(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A digest of a whole file's content, as an origin states it.
@@ -275,6 +287,20 @@ pub trait Origin: Send + Sync + fmt::Debug {
 pub enum WholeDigest {
     /// The MD5 of the content (an S3 ETag of a single-part upload).
     Md5([u8; 16]),
+}
+
+impl fmt::Display for WholeDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WholeDigest::Md5(bytes) => {
+                f.write_str("md5 ")?;
+                for b in bytes {
+                    write!(f, "{b:02x}")?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 impl WholeDigest {
@@ -517,6 +543,11 @@ mod tests {
         assert_eq!(
             WholeDigest::from_md5_etag("zz107d9d372bb6826bd81d3542a419d6"),
             None
+        );
+        // Shown as the ETag spells it, so a log line can be matched to it.
+        assert_eq!(
+            d.unwrap().to_string(),
+            "md5 9e107d9d372bb6826bd81d3542a419d6"
         );
     }
 

@@ -13,6 +13,8 @@
 //!   `read_range` and `read_link` calls in the inner origin; further calls
 //!   queue in arrival order (tokio's semaphore is fair). `health` is not
 //!   queued: a probe must see a hung origin as hung, not as busy.
+//!   It states its limit ([`Origin::call_limit`]), so the cache keeps its
+//!   read-ahead below it and a player's read is not queued behind it.
 //! - [`TimeoutOrigin`] ends every call that takes longer than its timeout
 //!   with [`OriginError::Timeout`], which is retryable and never "not
 //!   found". It does not retry.
@@ -111,9 +113,17 @@ impl Origin for LimitOrigin {
     fn supports_range_reads(&self) -> bool {
         self.inner.supports_range_reads()
     }
-
     fn whole_digest(&self, path: &OriginPath, version: &FileVersion) -> Option<WholeDigest> {
         self.inner.whole_digest(path, version)
+    }
+
+    /// Its own limit, or the inner origin's when that is tighter.
+    fn call_limit(&self) -> Option<usize> {
+        Some(
+            self.inner
+                .call_limit()
+                .map_or(self.limit, |l| l.min(self.limit)),
+        )
     }
 }
 
@@ -180,9 +190,12 @@ impl Origin for TimeoutOrigin {
     fn supports_range_reads(&self) -> bool {
         self.inner.supports_range_reads()
     }
-
     fn whole_digest(&self, path: &OriginPath, version: &FileVersion) -> Option<WholeDigest> {
         self.inner.whole_digest(path, version)
+    }
+
+    fn call_limit(&self) -> Option<usize> {
+        self.inner.call_limit()
     }
 }
 
@@ -272,6 +285,9 @@ mod tests {
         }
         async fn health(&self) -> Result<()> {
             self.call().await
+        }
+        fn whole_digest(&self, _: &OriginPath, _: &FileVersion) -> Option<WholeDigest> {
+            Some(crate::WholeDigest::Md5([9; 16]))
         }
     }
 
@@ -364,5 +380,23 @@ mod tests {
         assert!(err.is_retryable());
         assert!(!err.is_not_found());
         assert!(bounded.health().await.is_err());
+    }
+
+    #[test]
+    fn a_stack_passes_on_the_digest_and_its_tightest_call_limit() {
+        let slow = Slow::new(Duration::from_millis(1), 0);
+        assert_eq!(slow.call_limit(), None);
+        let stack = RetryOrigin::new(
+            Arc::new(TimeoutOrigin::new(
+                Arc::new(LimitOrigin::new(Arc::new(LimitOrigin::new(slow, 3)), 8)),
+                Duration::from_secs(2),
+            )),
+            RetryPolicy::default(),
+        );
+        assert_eq!(stack.call_limit(), Some(3));
+        assert_eq!(
+            stack.whole_digest(&path(), &version()),
+            Some(crate::WholeDigest::Md5([9; 16]))
+        );
     }
 }

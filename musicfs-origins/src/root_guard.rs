@@ -208,9 +208,12 @@ impl Origin for RootGuard {
     fn supports_range_reads(&self) -> bool {
         self.inner.supports_range_reads()
     }
-
     fn whole_digest(&self, path: &OriginPath, version: &FileVersion) -> Option<WholeDigest> {
         self.inner.whole_digest(path, version)
+    }
+
+    fn call_limit(&self) -> Option<usize> {
+        self.inner.call_limit()
     }
 }
 

@@ -22,6 +22,9 @@
 //!   when each call started and ended, so a test can tell calls that
 //!   overlapped from calls made one after another (round trips on a slow
 //!   link) without timing anything.
+//! - [`Origin::whole_digest`] is the inner origin's, so with
+//!   [`Fault::CorruptBytes`] a download disagrees with the digest stated
+//!   for it, as a corrupt first download from a store would.
 //! - Injected errors are always [`OriginError::Unavailable`] (retryable) with
 //!   a reason starting with `injected fault:`, so a test can tell them from
 //!   real errors of the inner origin.
@@ -36,6 +39,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use musicfs_origins::{
     DirEntry, DynOrigin, EntryMeta, FileVersion, Origin, OriginError, OriginId, OriginPath, Result,
+    WholeDigest,
 };
 use parking_lot::Mutex;
 
@@ -66,7 +70,20 @@ pub enum Fault {
     /// A throttled link: each call first waits `latency_ms`, and `read_range`
     /// additionally waits `bytes / bytes_per_sec` seconds for the bytes it
     /// returns. `bytes_per_sec == 0` means no throughput limit (latency only).
+    /// Each call has the whole rate to itself, so calls in flight at once
+    /// add up to more than it.
     Bandwidth { bytes_per_sec: u64, latency_ms: u64 },
+    /// One shared link: each call first waits `latency_ms` (the round
+    /// trip), then the bytes `read_range` returns queue for a pipe of
+    /// `bytes_per_sec` that all calls share, one transfer after another, so
+    /// calls in flight at once never get more than the rate together.
+    /// `bytes_per_sec == 0` means latency only.
+    Link { bytes_per_sec: u64, latency_ms: u64 },
+    /// A stream that stalls past the start of a file while a first read
+    /// still works: each call first waits `latency_ms`, then `read_range`
+    /// calls that start at or past `offset` never complete (until their
+    /// future is dropped). Other operations pass after the wait.
+    HangFrom { offset: u64, latency_ms: u64 },
 }
 
 /// A set of operation kinds a fault applies to.
@@ -247,6 +264,8 @@ pub struct FaultyOrigin {
     range_reads: AtomicBool,
     counters: Counters,
     log: CallLog,
+    /// When the shared pipe of [`Fault::Link`] is free again.
+    link_free: Mutex<tokio::time::Instant>,
 }
 
 impl FaultyOrigin {
@@ -266,6 +285,7 @@ impl FaultyOrigin {
             range_reads,
             counters: Counters::default(),
             log: CallLog::default(),
+            link_free: Mutex::new(tokio::time::Instant::now()),
         })
     }
 
@@ -394,7 +414,9 @@ impl FaultyOrigin {
                     return Err(self.injected(format!("call {call} fails, every {n}th ({op:?})")));
                 }
             }
-            Fault::Bandwidth { latency_ms, .. } => {
+            Fault::Bandwidth { latency_ms, .. }
+            | Fault::Link { latency_ms, .. }
+            | Fault::HangFrom { latency_ms, .. } => {
                 tokio::time::sleep(Duration::from_millis(*latency_ms)).await;
             }
         }
@@ -416,12 +438,26 @@ impl FaultyOrigin {
         len: u64,
     ) -> Result<Bytes> {
         let fault = self.before(Op::Read).await?;
+        if matches!(fault, Fault::HangFrom { offset: from, .. } if offset >= from) {
+            std::future::pending::<()>().await;
+        }
         let data = self.inner.read_range(path, version, offset, len).await?;
         Ok(match fault {
             Fault::CorruptBytes => corrupt(&data, offset),
             Fault::Truncate => data.slice(..data.len() / 2),
             Fault::Bandwidth { bytes_per_sec, .. } => {
                 tokio::time::sleep(transfer_time(data.len() as u64, bytes_per_sec)).await;
+                data
+            }
+            Fault::Link { bytes_per_sec, .. } => {
+                let transfer = transfer_time(data.len() as u64, bytes_per_sec);
+                let done = {
+                    let mut free = self.link_free.lock();
+                    let done = (*free).max(tokio::time::Instant::now()) + transfer;
+                    *free = done;
+                    done
+                };
+                tokio::time::sleep_until(done).await;
                 data
             }
             _ => data,
@@ -528,6 +564,13 @@ impl Origin for FaultyOrigin {
 
     fn supports_range_reads(&self) -> bool {
         self.range_reads.load(Ordering::SeqCst)
+    }
+
+    fn whole_digest(&self, path: &OriginPath, version: &FileVersion) -> Option<WholeDigest> {
+        self.inner.whole_digest(path, version)
+    }
+    fn call_limit(&self) -> Option<usize> {
+        self.inner.call_limit()
     }
 }
 

@@ -29,6 +29,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use musicfs_origins::{
     DirEntry, EntryKind, EntryMeta, FileVersion, Origin, OriginError, OriginId, OriginPath, Result,
+    WholeDigest,
 };
 use parking_lot::Mutex;
 
@@ -40,6 +41,8 @@ const CLOCK_START_NS: i64 = 1_700_000_000_000_000_000;
 struct MemFile {
     data: Bytes,
     mtime_ns: i64,
+    /// What [`Origin::whole_digest`] states for this version, if anything.
+    digest: Option<WholeDigest>,
 }
 
 #[derive(Debug)]
@@ -104,7 +107,11 @@ impl State {
             !self.dirs.contains_key(path.as_bytes()),
             "MemOrigin: cannot put {path}: it is a directory"
         );
-        let file = MemFile { data, mtime_ns };
+        let file = MemFile {
+            data,
+            mtime_ns,
+            digest: None,
+        };
         if self.files.insert(path.as_bytes().to_vec(), file).is_none() {
             self.touch_parent(path);
         }
@@ -219,6 +226,26 @@ impl MemOrigin {
         };
         if removed_file || removed_dir {
             state.touch_parent(&path);
+        }
+    }
+
+    /// States `digest` as the whole-content digest of the file now at
+    /// `path` (what an S3 ETag of a single-part upload says), or none. The
+    /// test chooses it, so it may be wrong on purpose; the next
+    /// [`MemOrigin::put`] of the path states none again (a new version).
+    ///
+    /// # Panics
+    /// When no file is at `path`: a bug in the test.
+    pub fn set_whole_digest<P: AsRef<OsStr> + ?Sized>(
+        &self,
+        path: &P,
+        digest: Option<WholeDigest>,
+    ) {
+        let path = parse(path);
+        let mut state = self.state.lock();
+        match state.files.get_mut(path.as_bytes()) {
+            Some(file) => file.digest = digest,
+            None => panic!("MemOrigin: no file at {path} to state a digest for"),
         }
     }
 
@@ -344,6 +371,18 @@ impl Origin for MemOrigin {
 
     async fn health(&self) -> Result<()> {
         self.check_up()
+    }
+
+    fn whole_digest(&self, path: &OriginPath, version: &FileVersion) -> Option<WholeDigest> {
+        let state = self.state.lock();
+        let file = state.files.get(path.as_bytes())?;
+        // Only for the version asked about: an old version's digest must
+        // not vouch for new bytes.
+        if version.matches(&file_meta(file)) {
+            file.digest
+        } else {
+            None
+        }
     }
 }
 
@@ -561,6 +600,21 @@ mod tests {
             &crate::read_now(&*m, &p("f"), 0, 1).await.unwrap()[..],
             b"x"
         );
+    }
+
+    #[tokio::test]
+    async fn a_stated_digest_belongs_to_one_version() {
+        let m = origin();
+        m.put("f", "x");
+        let v1 = m.stat(&p("f")).await.unwrap().version();
+        assert_eq!(m.whole_digest(&p("f"), &v1), None);
+        let d = WholeDigest::Md5([7; 16]);
+        m.set_whole_digest("f", Some(d));
+        assert_eq!(m.whole_digest(&p("f"), &v1), Some(d));
+        m.put("f", "y");
+        let v2 = m.stat(&p("f")).await.unwrap().version();
+        assert_eq!(m.whole_digest(&p("f"), &v1), None, "old version");
+        assert_eq!(m.whole_digest(&p("f"), &v2), None, "a put states none");
     }
 
     #[test]

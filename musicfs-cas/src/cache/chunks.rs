@@ -21,6 +21,7 @@ use crate::manifest::ChunkRef;
 use crate::tree::ChunkTree;
 use crate::{CasError, ChunkId, Result};
 
+use super::link::Class;
 use super::*;
 
 /// Whole verified chunks an open file keeps after reading them: a kernel
@@ -268,6 +269,7 @@ impl FileHandle {
                         &self.file.version,
                         start,
                         chunk,
+                        Class::User,
                     )
                     .await;
                 self.file.stale_on_change(&self.cache, &r);
@@ -287,6 +289,7 @@ impl FileHandle {
                         &self.file.version,
                         start,
                         u64::from(chunk.len),
+                        Class::User,
                     )
                     .await;
                 let checked = read.and_then(|data| {

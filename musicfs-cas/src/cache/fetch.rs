@@ -6,6 +6,8 @@
 //! for the handle's version (the origin refuses another one with
 //! `Changed`, which becomes [`CasError::OriginChanged`]), and must return
 //! exactly the bytes asked for; a re-fetched chunk must hash to its name.
+//! Every read takes a place at the origin's link first (`link.rs`), by who
+//! waits for it, and reports how long it took to the link's estimates.
 
 use std::sync::atomic::Ordering;
 
@@ -16,9 +18,20 @@ use tracing::debug;
 use crate::manifest::{ChunkRef, FileVersion};
 use crate::{CasError, ChunkId, Result};
 
+use super::link::{Class, Link, Slot};
 use super::*;
 
 impl CacheInner {
+    /// The origin's link; a fresh one for an origin added without one.
+    pub(super) fn link(&self, origin: &OriginId) -> Arc<Link> {
+        Arc::clone(
+            self.links
+                .lock()
+                .entry(origin.clone())
+                .or_insert_with(|| Link::new(None)),
+        )
+    }
+
     /// Drops the stored manifest of `path` if it belongs to `version`: a
     /// newer version's manifest (written by a later open) stays.
     pub(super) fn drop_manifest(
@@ -35,10 +48,28 @@ impl CacheInner {
         }
     }
 
-    /// One bounded origin read that must return exactly the bytes asked for
-    /// (clipped to the file's size): anything shorter means the file changed.
+    /// One bounded origin read of `class` that must return exactly the
+    /// bytes asked for (clipped to the file's size): anything shorter means
+    /// the file changed. Waits for a place at the origin's link first
+    /// (`link.rs`; a user read never waits there).
     pub(super) async fn origin_read(
         &self,
+        origin: &DynOrigin,
+        path: &OriginPath,
+        version: &FileVersion,
+        offset: u64,
+        len: u64,
+        class: Class,
+    ) -> Result<Bytes> {
+        let slot = self.link(origin.id()).acquire(class).await;
+        self.read_in_slot(&slot, origin, path, version, offset, len)
+            .await
+    }
+
+    /// [`Self::origin_read`] with its place at the link already taken.
+    pub(super) async fn read_in_slot(
+        &self,
+        slot: &Slot,
         origin: &DynOrigin,
         path: &OriginPath,
         version: &FileVersion,
@@ -47,6 +78,7 @@ impl CacheInner {
     ) -> Result<Bytes> {
         let expect = len.min(version.size.saturating_sub(offset));
         let timeout = self.config.origin_timeout;
+        let sent = slot.link().sent();
         let read = origin.read_range(path, version, offset, expect);
         let data = match tokio::time::timeout(timeout, read).await {
             Ok(Ok(data)) => data,
@@ -77,6 +109,7 @@ impl CacheInner {
                 reason: format!("asked for {expect} bytes at {offset}, got {}", data.len()),
             });
         }
+        slot.link().completed(sent, expect);
         Ok(data)
     }
 
@@ -113,16 +146,17 @@ impl CacheInner {
         version: &FileVersion,
         start: u64,
         chunk: ChunkRef,
+        class: Class,
     ) -> Result<Bytes> {
         self.counters.refetched.fetch_add(1, Ordering::Relaxed);
         let data = if origin.supports_range_reads() {
-            self.origin_read(origin, path, version, start, u64::from(chunk.len))
+            self.origin_read(origin, path, version, start, u64::from(chunk.len), class)
                 .await?
         } else {
             // The whole file is what such an origin costs anyway: store all
             // of it, so the file's next missing chunk is no new fetch.
             let whole = self
-                .origin_read(origin, path, version, 0, version.size)
+                .origin_read(origin, path, version, 0, version.size, class)
                 .await?;
             let end = start + u64::from(chunk.len);
             if end > whole.len() as u64 {

@@ -3,7 +3,8 @@
 //! Layer: inside the cache (see `cache.rs`). A read of `[offset, end)` is
 //! served piece by piece from the file's verified chunks (`chunks.rs`), the
 //! ingest buffer, a wait for the ingest when the read continues the stream,
-//! or the origin directly (a seek far ahead); each step is chosen under the
+//! or the origin directly (a seek far ahead, a user read that never queues
+//! behind read-ahead at the origin's link); each step is chosen under the
 //! file's state lock, and chunks are pinned before it drops so eviction
 //! cannot slip in between.
 
@@ -16,8 +17,9 @@ use tokio::sync::watch;
 
 use crate::manifest::ChunkRef;
 use crate::store::PinGuard;
-use crate::{ChunkId, Result};
+use crate::{CasError, ChunkId, Result};
 
+use super::link::Class;
 use super::*;
 
 /// A read starting this close past the ingest buffer, or past the furthest
@@ -85,6 +87,7 @@ impl FileHandle {
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     out.extend_from_slice(&bytes);
                 }
+                Step::Fail(e) => return Err(e),
                 Step::Wait(mut rx) => {
                     // Err only if the sender is gone, which cannot happen
                     // while we hold the file; either way, look again.
@@ -99,6 +102,7 @@ impl FileHandle {
                             &self.file.version,
                             pos,
                             upto - pos,
+                            Class::User,
                         )
                         .await;
                     self.file.stale_on_change(&self.cache, &read);
@@ -118,6 +122,9 @@ impl FileHandle {
     /// Decides where the bytes at `pos` come from, under the state lock.
     pub(super) fn next_step(&self, pos: u64, end: u64) -> Step {
         let mut st = self.file.state.lock();
+        if let Some(corrupt) = st.corrupt {
+            return Step::Fail(self.file.corrupt_error(corrupt));
+        }
         let covered = st.manifest.covered();
         let buffered_end = st.buffered_end();
         // Continuing the furthest read (or the ingest): the stream. It
@@ -151,6 +158,12 @@ impl FileHandle {
             if pos <= buffered_end {
                 st.need_end = st.need_end.max(end);
             }
+            // The ingest's ranges up to here are no longer read-ahead.
+            self.file.waiting.send_if_modified(|w| {
+                let further = end > *w;
+                *w = (*w).max(end);
+                further
+            });
             let mut rx = self.file.progress.subscribe();
             rx.borrow_and_update();
             return Step::Wait(rx);
@@ -191,4 +204,6 @@ pub(super) enum Step {
     Buffered(Bytes),
     Wait(watch::Receiver<u64>),
     Direct(u64),
+    /// The file's download failed its whole-file check.
+    Fail(CasError),
 }

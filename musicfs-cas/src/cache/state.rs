@@ -4,15 +4,16 @@
 //! Layer: inside the cache (see `cache.rs`). Invariants: the manifest
 //! covers a prefix of the file ending on a chunk boundary, and `cut` then
 //! `tail` hold exactly the bytes right after it, in order; `stale` is set
-//! once and never cleared (the origin no longer has this version); the
-//! ingest's state changes only through [`Ingest::on`].
+//! once and never cleared (the origin no longer has this version, or the
+//! download failed its whole-file check); the ingest's state changes only
+//! through [`Ingest::on`].
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use musicfs_origins::{DynOrigin, OriginPath};
+use musicfs_origins::{DynOrigin, OriginPath, WholeDigest};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 use tracing::{debug, info};
@@ -20,6 +21,8 @@ use tracing::{debug, info};
 use crate::manifest::{FileVersion, Manifest};
 use crate::{CasError, ChunkId, Result};
 
+use super::digest::WholeCheck;
+use super::link::Link;
 use super::*;
 
 /// After a failed ingest, reads go to the origin directly for this long
@@ -33,6 +36,14 @@ pub(super) struct OpenFile {
     pub(super) version: FileVersion,
     pub(super) state: Mutex<FileState>,
     pub(super) progress: watch::Sender<u64>,
+    /// The origin's link, which the ingest's reads go out through.
+    pub(super) link: Arc<Link>,
+    /// The end of the furthest read waiting on the ingest: the ingest's
+    /// ranges before it are user reads, not read-ahead (`link.rs`).
+    pub(super) waiting: watch::Sender<u64>,
+    /// The digest a download of this version must have, where the origin
+    /// states one (`digest.rs`).
+    pub(super) whole: Option<WholeCheck>,
     /// The last chunks read whole, newest last. A reader on a FUSE thread
     /// fills a slot holding its lock, so concurrent requests that fall in
     /// one chunk read and hash it once (async readers do not hold it across
@@ -58,9 +69,13 @@ pub(super) struct FileState {
     /// next origin read covers them, so they cost one round trip.
     pub(super) need_end: u64,
     pub(super) ingest: Ingest,
-    /// The origin no longer has this version: never persist or extend the
-    /// manifest again.
+    /// Never persist or extend the manifest again: the origin no longer
+    /// has this version, or its download failed the whole-file check.
     pub(super) stale: bool,
+    /// The download failed the whole-file check (digest expected, digest
+    /// got): every read of this open file fails with
+    /// [`CasError::OriginCorrupt`]; a new open downloads it again.
+    pub(super) corrupt: Option<(WholeDigest, WholeDigest)>,
 }
 
 /// Where a file's ingest is; see the state diagram in the ingest module.

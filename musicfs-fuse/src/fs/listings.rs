@@ -5,7 +5,8 @@
 //! handlers and the origins' `list`. Invariants: metadata comes from
 //! [`Listing`]s stored per directory in the index (so a library browses
 //! offline), decoded ones kept in a bounded memo; a stale listing is served
-//! while one background refresh per directory runs; a failed refresh keeps
+//! while one background refresh per directory runs (after the origin's
+//! queued read-ahead, `Cache::background_turn`); a failed refresh keeps
 //! the old listing and is not retried for `listing_ttl` (at least a
 //! second); an origin's root listing that comes back empty never replaces
 //! a non-empty cached one (the NAS looks unmounted; only `musicfs forget`
@@ -158,6 +159,16 @@ impl Inner {
         let inner = Arc::clone(self);
         let dir = dir.clone();
         self.rt.spawn(async move {
+            // After the origin's queued read-ahead (and so after any
+            // player's read); a refresh that gets no turn within the read
+            // timeout is left for the next lookup, the cached listing
+            // serving meanwhile.
+            let turn = inner.cache.background_turn(&dir.origin);
+            let Ok(_turn) = tokio::time::timeout(inner.config.read_timeout, turn).await else {
+                debug!(origin = %dir.origin, dir = %dir.path, "listing refresh deferred: the origin is busy with reads");
+                inner.refreshing.lock().remove(&dir);
+                return;
+            };
             match inner.list_origin(&dir).await {
                 Ok(l) => {
                     debug!(origin = %dir.origin, dir = %dir.path, entries = l.entries.len(), "listing refreshed")

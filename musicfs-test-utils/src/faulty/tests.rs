@@ -268,6 +268,57 @@ async fn bandwidth_adds_latency_and_transfer_time() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_link_is_shared_by_the_calls_in_flight() {
+    let (_mem, f, _) = setup(1_000_000);
+    f.set_fault(Fault::Link {
+        bytes_per_sec: 100_000,
+        latency_ms: 20,
+    });
+    let file = p(FILE);
+    let start = Instant::now();
+    let (a, b) = tokio::join!(read(&f, &file, 0, 50_000), read(&f, &file, 50_000, 50_000));
+    assert_eq!((a.unwrap().len(), b.unwrap().len()), (50_000, 50_000));
+    // One round trip, then 100,000 bytes through one 100 kB/s pipe.
+    assert_eq!(start.elapsed(), Duration::from_millis(1_020));
+    // The pipe is free again: a lone call pays its own time only.
+    let start = Instant::now();
+    read(&f, &file, 0, 10_000).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(120));
+}
+
+#[tokio::test(start_paused = true)]
+async fn hang_from_stalls_only_reads_past_the_offset() {
+    let (_mem, f, data) = setup(10_000);
+    f.set_fault(Fault::HangFrom {
+        offset: 4096,
+        latency_ms: 20,
+    });
+    let file = p(FILE);
+    let start = Instant::now();
+    let head = read(&f, &file, 0, 4096).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(20));
+    assert_eq!(&head[..], &data[..4096]);
+    f.stat(&file).await.unwrap();
+    let stalled = timeout(Duration::from_secs(3600), read(&f, &file, 4096, 10)).await;
+    assert!(stalled.is_err(), "a read past the offset completed");
+    assert_eq!(
+        f.stats().in_flight_reads,
+        0,
+        "the dropped read is counted out"
+    );
+}
+
+#[tokio::test]
+async fn the_inner_origins_digest_is_stated() {
+    let (mem, f, _) = setup(10);
+    let version = mem.stat(&p(FILE)).await.unwrap().version();
+    assert_eq!(f.whole_digest(&p(FILE), &version), None);
+    let d = WholeDigest::Md5([1; 16]);
+    mem.set_whole_digest(FILE, Some(d));
+    assert_eq!(f.whole_digest(&p(FILE), &version), Some(d));
+}
+
+#[tokio::test(start_paused = true)]
 async fn concurrent_reads_are_tracked() {
     let (_mem, f, _) = setup(1000);
     f.set_fault_on(Ops::READ, Fault::TimeoutMs(100));
