@@ -78,7 +78,7 @@ pub enum CasError {
         reason: String,
     },
 
-    #[error("{origin}: the download of '{path}' does not match the checksum the origin states for it (expected {expected}, got {got}); nothing of it was cached. Open the file again to download it again; if this repeats, the object or its checksum is damaged on the origin")]
+    #[error("{origin}: the download of '{path}' does not match the checksum the origin states for it (expected {expected}, got {got}); nothing of it was cached. Open the file again to download it again; if this repeats, the object is damaged on the origin, or (S3) the bucket's ETags are not MD5s (SSE-KMS or SSE-C encryption): then set `etags_not_md5 = true` in the origin's [origin.NAME] table")]
     OriginCorrupt {
         origin: OriginId,
         path: String,

@@ -71,6 +71,10 @@ pub struct OriginSettings {
     pub timeout: Option<u64>,
     /// Requests to this origin in flight at once.
     pub connections: Option<usize>,
+    /// S3: the bucket's ETags are not MD5s (SSE-KMS or SSE-C encryption),
+    /// so a first download is not checked against them.
+    #[serde(default)]
+    pub etags_not_md5: bool,
 }
 
 /// Environment variables a WebDAV origin takes its login from when the
@@ -298,6 +302,7 @@ fn apply_settings(r: &mut RemoteSpec, own: &OriginSettings, name: &str) -> Resul
     misplaced("endpoint", own.endpoint.is_none() || is_s3)?;
     misplaced("region", own.region.is_none() || is_s3)?;
     misplaced("profile", own.profile.is_none() || is_s3)?;
+    misplaced("etags_not_md5", !own.etags_not_md5 || is_s3)?;
     misplaced("user", own.user.is_none() || is_dav)?;
     misplaced("password", own.password.is_none() || is_dav)?;
     misplaced("ssh_config", own.ssh_config.is_none() || is_sftp)?;
@@ -307,6 +312,7 @@ fn apply_settings(r: &mut RemoteSpec, own: &OriginSettings, name: &str) -> Resul
     s.endpoint = own.endpoint.clone().or(s.endpoint.take());
     s.region = own.region.clone().or(s.region.take());
     s.profile = own.profile.clone().or(s.profile.take());
+    s.etags_not_md5 |= own.etags_not_md5;
     s.ssh_config = own
         .ssh_config
         .as_deref()

@@ -72,7 +72,9 @@ impl RemoteOrigin {
         let inner = match kind {
             RemoteKind::S3 { bucket, prefix } => {
                 let op = s3::operator(&id, &bucket, &prefix, &settings)?;
-                Inner::Dal(DalOrigin::new(id, op, Flavor::S3))
+                let mut dal = DalOrigin::new(id, op, Flavor::S3);
+                dal.md5_etags = !settings.etags_not_md5;
+                Inner::Dal(dal)
             }
             RemoteKind::WebDav {
                 tls,

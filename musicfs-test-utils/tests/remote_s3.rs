@@ -151,6 +151,25 @@ async fn single_part_etags_are_the_md5_of_the_content() {
     }
 }
 
+/// A bucket whose ETags are not MD5s (SSE-KMS, SSE-C) is told so in its
+/// settings, and then no digest is stated: every first download would
+/// otherwise fail the whole-file check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etags_not_md5_states_no_digest() {
+    let server = start().await;
+    remote::put_tree(server.clone()).await;
+    let mut spec = RemoteSpec::parse(&format!("s3://{}", server.bucket())).unwrap();
+    spec.settings = settings(&server);
+    spec.settings.etags_not_md5 = true;
+    let o = RemoteOrigin::connect(OriginId::new("s3").unwrap(), spec)
+        .await
+        .unwrap();
+    let (key, _, _) = remote::TREE[0];
+    let meta = o.stat(&p(key)).await.unwrap();
+    assert!(meta.etag.is_some());
+    assert_eq!(o.whole_digest(&p(key), &meta.version()), None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefix_of_more_than_1000_keys_lists_in_pages() {
     let server = start().await;

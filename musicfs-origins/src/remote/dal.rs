@@ -58,11 +58,19 @@ pub(crate) struct DalOrigin {
     id: OriginId,
     op: Operator,
     flavor: Flavor,
+    /// S3: single-part ETags are MD5s of the content (see
+    /// [`RemoteSettings::etags_not_md5`](super::RemoteSettings)).
+    pub(crate) md5_etags: bool,
 }
 
 impl DalOrigin {
     pub(crate) fn new(id: OriginId, op: Operator, flavor: Flavor) -> Self {
-        Self { id, op, flavor }
+        Self {
+            id,
+            op,
+            flavor,
+            md5_etags: true,
+        }
     }
 
     pub(crate) fn id(&self) -> &OriginId {
@@ -324,7 +332,10 @@ impl DalOrigin {
     pub(crate) fn whole_digest(&self, version: &FileVersion) -> Option<WholeDigest> {
         match self.flavor {
             // A single-part upload's ETag is the MD5 of the content.
-            Flavor::S3 => version.etag.as_deref().and_then(WholeDigest::from_md5_etag),
+            Flavor::S3 if self.md5_etags => {
+                version.etag.as_deref().and_then(WholeDigest::from_md5_etag)
+            }
+            Flavor::S3 => None,
             // WebDAV ETags are opaque (rclone's is a hash of size and mtime).
             Flavor::WebDav => None,
         }

@@ -74,6 +74,10 @@ pub struct RemoteSettings {
     /// SFTP: a known_hosts file to check the server's key against instead
     /// of `~/.ssh/known_hosts`.
     pub known_hosts: Option<PathBuf>,
+    /// S3: the store's ETags are not MD5s of the content even for
+    /// single-part uploads (SSE-KMS or SSE-C encryption, some stores), so
+    /// a first download is not checked against them.
+    pub etags_not_md5: bool,
 }
 
 /// A secret (a password): never printed. Read it with [`Secret::expose`]
