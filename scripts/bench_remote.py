@@ -363,9 +363,13 @@ def fmt(v, unit):
     return "%.2f" % v
 
 
-def markdown(results):
-    out = ["", "Remote origins: medians (min-max) through musicfs-proxy; ratios are the median over "
-           "rclone's from the same run (for ms and s lower is better, for MB/s higher).", ""]
+def markdown(remote):
+    results = remote["figures"]
+    out = ["", "Remote origins (%s at RTT %s ms; %d run(s) per figure; track %s, %.0f MB; %d objects): "
+           "medians (min-max) through musicfs-proxy; ratios are the median over rclone's from the same "
+           "run (for ms and s lower is better, for MB/s higher)." % (
+               ", ".join(remote["protocols"]), ", ".join(map(str, remote["rtts_ms"])), remote["runs"],
+               remote["track"], remote["track_bytes"] / 1e6, remote["objects"]), ""]
     out.append("| protocol | RTT | figure | unit | musicfs | rclone | s3fs / sshfs | musicfs / rclone "
                "| s3fs or sshfs / rclone |")
     out.append("|---|---|---|---|---|---|---|---|---|")
