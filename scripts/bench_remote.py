@@ -253,12 +253,12 @@ class RemoteBench:
         self.album = album          # two tracks, relative to lib
         self.big = big              # relative to lib
         self.n_meta = n_meta
-        self.streams = sorted(os.listdir(streams_dir))
+        self.streams = sorted(os.listdir(streams_dir)) if streams_dir else []
         self.anchors = anchors      # s3fs / sshfs too (not in the quick form)
         self.results = {}
-        # The 8-player figure runs on S3 only.
-        trees = {p: [("lib", lib), ("meta", meta_dir)] + ([("streams", streams_dir)] if p == "s3" else [])
-                 for p in protocols}
+        # The 8-player figure runs on S3 only (and not in the quick form).
+        trees = {p: [("lib", lib), ("meta", meta_dir)]
+                 + ([("streams", streams_dir)] if p == "s3" and streams_dir else []) for p in protocols}
         self.setup = Setup(work, protocols, trees, bins)
 
     def systems(self, proto):
@@ -285,7 +285,7 @@ class RemoteBench:
         self.setup.set_rtt(proto, rtt)
         systems = self.systems(proto)
         values = {f: {m.name: [] for m in systems} for f, _ in self.FIGURES}
-        rss_systems = systems if proto == "s3" else []
+        rss_systems = systems if proto == "s3" and self.streams else []
         first = [open(os.path.join(self.lib, t), "rb").read(64 * 1024) for t in self.album]
         big_size = os.path.getsize(os.path.join(self.lib, self.big))
         stream_size = big_size
@@ -363,9 +363,13 @@ def fmt(v, unit):
     return "%.2f" % v
 
 
-def markdown(results):
-    out = ["", "Remote origins: medians (min-max) through musicfs-proxy; ratios are the median over "
-           "rclone's from the same run (for ms and s lower is better, for MB/s higher).", ""]
+def markdown(remote):
+    results = remote["figures"]
+    out = ["", "Remote origins (%s at RTT %s ms; %d run(s) per figure; track %s, %.0f MB; %d objects): "
+           "medians (min-max) through musicfs-proxy; ratios are the median over rclone's from the same "
+           "run (for ms and s lower is better, for MB/s higher)." % (
+               ", ".join(remote["protocols"]), ", ".join(map(str, remote["rtts_ms"])), remote["runs"],
+               remote["track"], remote["track_bytes"] / 1e6, remote["objects"]), ""]
     out.append("| protocol | RTT | figure | unit | musicfs | rclone | s3fs / sshfs | musicfs / rclone "
                "| s3fs or sshfs / rclone |")
     out.append("|---|---|---|---|---|---|---|---|---|")

@@ -44,7 +44,7 @@ RECOVERY_LIMIT = 90.0
 # cold files are not all fetched in the first calm seconds.
 CALM_RATE = 2 << 20
 HEALTH_TIMEOUT = 2
-HANG_SLACK = 5.0
+HANG_SLACK = 10.0
 
 
 def run(run, lib):
