@@ -29,9 +29,10 @@
 //!   check of it is still unanswered; a check that does not answer in time
 //!   is left running (so the health monitor sees the hang) and the open
 //!   binds to the cached version.
-//! - A fault (timeout, unreachable origin) is never taken as an answer: the
-//!   cached version is served. Only definite answers (not found, wrong kind,
-//!   permission) change what an open gets.
+//! - A fault (timeout, unreachable origin) or refused credentials (a
+//!   revoked key, an expired token: nothing about the file) are never taken
+//!   as an answer: the cached version is served. Only definite answers (not
+//!   found, wrong kind, a file's permission) change what an open gets.
 //! - The same bound holds for a name a listing lacks: a lookup, open or
 //!   `getattr` that would answer `ENOENT` from a listing older than the
 //!   bound lists the directory again first (under the same wait and health
@@ -218,7 +219,10 @@ impl Inner {
             }
             Err(e) => {
                 let errno = errno::of_origin(&e);
-                if errno::is_fault(errno) {
+                // Credentials refused (a revoked key, an expired token) say
+                // nothing about the file: like a fault, the cached version
+                // is served, and only what is not cached fails (EACCES).
+                if errno::is_fault(errno) || matches!(e, OriginError::AccessDenied { .. }) {
                     debug!(origin = %key.origin, path = %key.path, error = %e, "cannot confirm a file; opening the cached version");
                     Ok(meta)
                 } else {
