@@ -15,7 +15,9 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use musicfs_cli::config::{parse_origin, parse_size, size_value, FileConfig};
+use std::collections::BTreeMap;
+
+use musicfs_cli::config::{origins_from_tables, parse_origin, parse_size, size_value, FileConfig};
 
 static FILE: OnceLock<PathBuf> = OnceLock::new();
 
@@ -41,15 +43,17 @@ fuzz_target!(init: { file(); }, |data: &[u8]| {
             if let Some(s) = &c.cache_size {
                 check_size(size_value(s));
             }
-            for o in &c.origins {
-                let _ = parse_origin(o);
+            // Origins with the file's own [origin.NAME] tables, as a mount
+            // reads them (tables with a url are origins too).
+            for o in c.origins.iter().cloned().chain(origins_from_tables(&c.origin)) {
+                let _ = parse_origin(&o, &c.origin);
             }
         }
         Err(e) => assert!(!e.to_string().is_empty()),
     }
     if let Ok(text) = std::str::from_utf8(data) {
         check_size(parse_size(text));
-        if let Err(e) = parse_origin(text) {
+        if let Err(e) = parse_origin(text, &BTreeMap::new()) {
             assert!(!e.to_string().is_empty());
         }
     }
