@@ -183,7 +183,12 @@ fn a_user_listing_joins_the_read_ahead_of_its_directory() {
     s.open_dir("");
     // The read-ahead of "a" has started; the user's listing of it waits
     // for that call instead of making another.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while s.faulty.stats().list_calls == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the read-ahead listing never started"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let listing = s.rt.block_on(s.fs.inner.listing(&key("a"))).unwrap();
