@@ -38,7 +38,6 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::{
     DirEntry, DynOrigin, EntryMeta, FileVersion, Origin, OriginError, OriginId, OriginPath, Result,
-    WholeDigest,
 };
 
 /// What the monitor last concluded about an origin.
@@ -333,6 +332,10 @@ impl Origin for Watched {
         self.inner.id()
     }
 
+    fn wrapped(&self) -> Option<&DynOrigin> {
+        Some(&self.inner)
+    }
+
     async fn list(&self, path: &OriginPath) -> Result<Vec<DirEntry>> {
         self.watched("list", self.inner.list(path)).await
     }
@@ -352,10 +355,6 @@ impl Origin for Watched {
             .await
     }
 
-    fn release(&self, path: &OriginPath, version: &FileVersion) {
-        self.inner.release(path, version);
-    }
-
     async fn health(&self) -> Result<()> {
         // Probes have their own timeout and record their own result.
         self.inner.health().await
@@ -363,17 +362,6 @@ impl Origin for Watched {
 
     async fn read_link(&self, path: &OriginPath) -> Result<PathBuf> {
         self.watched("readlink", self.inner.read_link(path)).await
-    }
-
-    fn supports_range_reads(&self) -> bool {
-        self.inner.supports_range_reads()
-    }
-    fn whole_digest(&self, path: &OriginPath, version: &FileVersion) -> Option<WholeDigest> {
-        self.inner.whole_digest(path, version)
-    }
-
-    fn call_limit(&self) -> Option<usize> {
-        self.inner.call_limit()
     }
 }
 

@@ -236,10 +236,23 @@ pub trait Origin: Send + Sync + fmt::Debug {
         len: u64,
     ) -> Result<Bytes>;
 
+    /// The origin this one wraps, for a wrapper (retries, timeouts,
+    /// connection limits, health watch, fault injection): what an origin
+    /// states about itself (`release`, `supports_range_reads`,
+    /// `whole_digest`, `call_limit`) passes through to it by default, so a
+    /// wrapper never hides it by forgetting to forward one.
+    fn wrapped(&self) -> Option<&DynOrigin> {
+        None
+    }
+
     /// The reader of `version` of `path` is done with it: an origin that
     /// keeps something open per version (a descriptor) may let it go. A
     /// hint only; later reads of the version still work.
-    fn release(&self, _path: &OriginPath, _version: &FileVersion) {}
+    fn release(&self, path: &OriginPath, version: &FileVersion) {
+        if let Some(inner) = self.wrapped() {
+            inner.release(path, version);
+        }
+    }
 
     /// Whether the origin answers right now. Callers bound this by a timeout.
     async fn health(&self) -> Result<()>;
@@ -260,7 +273,8 @@ pub trait Origin: Send + Sync + fmt::Debug {
     /// True when `read_range` costs about the bytes asked for, so the cache
     /// may re-fetch single chunks instead of whole files.
     fn supports_range_reads(&self) -> bool {
-        true
+        self.wrapped()
+            .is_none_or(|inner| inner.supports_range_reads())
     }
 
     /// A digest of the whole content of `version` that the origin vouches
@@ -268,8 +282,9 @@ pub trait Origin: Send + Sync + fmt::Debug {
     /// cache checks a first ingest that reaches the end against it and never
     /// keeps bytes that disagree: the one corruption chunk hashes cannot
     /// catch is a download that was wrong from the start.
-    fn whole_digest(&self, _path: &OriginPath, _version: &FileVersion) -> Option<WholeDigest> {
-        None
+    fn whole_digest(&self, path: &OriginPath, version: &FileVersion) -> Option<WholeDigest> {
+        self.wrapped()
+            .and_then(|inner| inner.whole_digest(path, version))
     }
 
     /// How many calls the origin lets run at once (a connection pool's
@@ -278,7 +293,7 @@ pub trait Origin: Send + Sync + fmt::Debug {
     /// player's read finds a free slot instead of queueing behind
     /// read-ahead. Wrappers pass on the inner origin's answer.
     fn call_limit(&self) -> Option<usize> {
-        None
+        self.wrapped().and_then(|inner| inner.call_limit())
     }
 }
 

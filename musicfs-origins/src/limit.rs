@@ -30,7 +30,6 @@ use tokio::sync::Semaphore;
 
 use crate::{
     DirEntry, DynOrigin, EntryMeta, FileVersion, Origin, OriginError, OriginId, OriginPath, Result,
-    WholeDigest,
 };
 
 /// At most `limit` calls in the inner origin at once (a connection pool's
@@ -79,6 +78,10 @@ impl Origin for LimitOrigin {
         self.inner.id()
     }
 
+    fn wrapped(&self) -> Option<&DynOrigin> {
+        Some(&self.inner)
+    }
+
     async fn list(&self, path: &OriginPath) -> Result<Vec<DirEntry>> {
         self.limited(self.inner.list(path)).await
     }
@@ -98,23 +101,12 @@ impl Origin for LimitOrigin {
             .await
     }
 
-    fn release(&self, path: &OriginPath, version: &FileVersion) {
-        self.inner.release(path, version);
-    }
-
     async fn read_link(&self, path: &OriginPath) -> Result<PathBuf> {
         self.limited(self.inner.read_link(path)).await
     }
 
     async fn health(&self) -> Result<()> {
         self.inner.health().await
-    }
-
-    fn supports_range_reads(&self) -> bool {
-        self.inner.supports_range_reads()
-    }
-    fn whole_digest(&self, path: &OriginPath, version: &FileVersion) -> Option<WholeDigest> {
-        self.inner.whole_digest(path, version)
     }
 
     /// Its own limit, or the inner origin's when that is tighter.
@@ -156,6 +148,10 @@ impl Origin for TimeoutOrigin {
         self.inner.id()
     }
 
+    fn wrapped(&self) -> Option<&DynOrigin> {
+        Some(&self.inner)
+    }
+
     async fn list(&self, path: &OriginPath) -> Result<Vec<DirEntry>> {
         self.bounded(self.inner.list(path)).await
     }
@@ -175,27 +171,12 @@ impl Origin for TimeoutOrigin {
             .await
     }
 
-    fn release(&self, path: &OriginPath, version: &FileVersion) {
-        self.inner.release(path, version);
-    }
-
     async fn read_link(&self, path: &OriginPath) -> Result<PathBuf> {
         self.bounded(self.inner.read_link(path)).await
     }
 
     async fn health(&self) -> Result<()> {
         self.bounded(self.inner.health()).await
-    }
-
-    fn supports_range_reads(&self) -> bool {
-        self.inner.supports_range_reads()
-    }
-    fn whole_digest(&self, path: &OriginPath, version: &FileVersion) -> Option<WholeDigest> {
-        self.inner.whole_digest(path, version)
-    }
-
-    fn call_limit(&self) -> Option<usize> {
-        self.inner.call_limit()
     }
 }
 
@@ -286,7 +267,7 @@ mod tests {
         async fn health(&self) -> Result<()> {
             self.call().await
         }
-        fn whole_digest(&self, _: &OriginPath, _: &FileVersion) -> Option<WholeDigest> {
+        fn whole_digest(&self, _: &OriginPath, _: &FileVersion) -> Option<crate::WholeDigest> {
             Some(crate::WholeDigest::Md5([9; 16]))
         }
     }

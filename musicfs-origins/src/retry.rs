@@ -40,7 +40,6 @@ use tokio::time::Instant;
 
 use crate::{
     DirEntry, DynOrigin, EntryMeta, FileVersion, Origin, OriginError, OriginId, OriginPath, Result,
-    WholeDigest,
 };
 
 /// How often and how patiently to retry.
@@ -184,6 +183,10 @@ impl Origin for RetryOrigin {
         self.inner.id()
     }
 
+    fn wrapped(&self) -> Option<&DynOrigin> {
+        Some(&self.inner)
+    }
+
     async fn list(&self, path: &OriginPath) -> Result<Vec<DirEntry>> {
         self.retry("list", path, || self.inner.list(path)).await
     }
@@ -205,10 +208,6 @@ impl Origin for RetryOrigin {
         .await
     }
 
-    fn release(&self, path: &OriginPath, version: &FileVersion) {
-        self.inner.release(path, version);
-    }
-
     async fn health(&self) -> Result<()> {
         self.inner.health().await
     }
@@ -216,17 +215,6 @@ impl Origin for RetryOrigin {
     async fn read_link(&self, path: &OriginPath) -> Result<PathBuf> {
         self.retry("readlink", path, || self.inner.read_link(path))
             .await
-    }
-
-    fn supports_range_reads(&self) -> bool {
-        self.inner.supports_range_reads()
-    }
-    fn whole_digest(&self, path: &OriginPath, version: &FileVersion) -> Option<WholeDigest> {
-        self.inner.whole_digest(path, version)
-    }
-
-    fn call_limit(&self) -> Option<usize> {
-        self.inner.call_limit()
     }
 }
 

@@ -36,7 +36,6 @@ use bytes::Bytes;
 
 use crate::{
     DirEntry, DynOrigin, EntryMeta, FileVersion, Origin, OriginError, OriginId, OriginPath, Result,
-    WholeDigest,
 };
 
 /// An origin that reports a vanished root as unavailable (see the module
@@ -154,6 +153,10 @@ impl Origin for RootGuard {
         self.inner.id()
     }
 
+    fn wrapped(&self) -> Option<&DynOrigin> {
+        Some(&self.inner)
+    }
+
     async fn list(&self, path: &OriginPath) -> Result<Vec<DirEntry>> {
         let listed = self.inner.list(path).await;
         if path.is_root() {
@@ -184,10 +187,6 @@ impl Origin for RootGuard {
         self.not_found_means(read).await
     }
 
-    fn release(&self, path: &OriginPath, version: &FileVersion) {
-        self.inner.release(path, version);
-    }
-
     async fn read_link(&self, path: &OriginPath) -> Result<std::path::PathBuf> {
         let link = self.inner.read_link(path).await;
         self.not_found_means(link).await
@@ -203,17 +202,6 @@ impl Origin for RootGuard {
             Root::HasEntries => Ok(()),
             Root::Vanished(e) => Err(e),
         }
-    }
-
-    fn supports_range_reads(&self) -> bool {
-        self.inner.supports_range_reads()
-    }
-    fn whole_digest(&self, path: &OriginPath, version: &FileVersion) -> Option<WholeDigest> {
-        self.inner.whole_digest(path, version)
-    }
-
-    fn call_limit(&self) -> Option<usize> {
-        self.inner.call_limit()
     }
 }
 

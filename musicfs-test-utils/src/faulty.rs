@@ -39,7 +39,6 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use musicfs_origins::{
     DirEntry, DynOrigin, EntryMeta, FileVersion, Origin, OriginError, OriginId, OriginPath, Result,
-    WholeDigest,
 };
 use parking_lot::Mutex;
 
@@ -491,6 +490,10 @@ impl Origin for FaultyOrigin {
         &self.id
     }
 
+    fn wrapped(&self) -> Option<&DynOrigin> {
+        Some(&self.inner)
+    }
+
     async fn list(&self, path: &OriginPath) -> Result<Vec<DirEntry>> {
         self.counters.list_calls.fetch_add(1, Ordering::SeqCst);
         let c = &self.counters;
@@ -538,10 +541,6 @@ impl Origin for FaultyOrigin {
         self.count_failure(result)
     }
 
-    fn release(&self, path: &OriginPath, version: &FileVersion) {
-        self.inner.release(path, version);
-    }
-
     async fn read_link(&self, path: &OriginPath) -> Result<PathBuf> {
         self.counters.stat_calls.fetch_add(1, Ordering::SeqCst);
         let _noted = self.log.note(CallKind::ReadLink, Some(path), None);
@@ -564,13 +563,6 @@ impl Origin for FaultyOrigin {
 
     fn supports_range_reads(&self) -> bool {
         self.range_reads.load(Ordering::SeqCst)
-    }
-
-    fn whole_digest(&self, path: &OriginPath, version: &FileVersion) -> Option<WholeDigest> {
-        self.inner.whole_digest(path, version)
-    }
-    fn call_limit(&self) -> Option<usize> {
-        self.inner.call_limit()
     }
 }
 

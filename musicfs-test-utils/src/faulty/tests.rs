@@ -313,7 +313,7 @@ async fn the_inner_origins_digest_is_stated() {
     let (mem, f, _) = setup(10);
     let version = mem.stat(&p(FILE)).await.unwrap().version();
     assert_eq!(f.whole_digest(&p(FILE), &version), None);
-    let d = WholeDigest::Md5([1; 16]);
+    let d = musicfs_origins::WholeDigest::Md5([1; 16]);
     mem.set_whole_digest(FILE, Some(d));
     assert_eq!(f.whole_digest(&p(FILE), &version), Some(d));
 }
