@@ -81,6 +81,7 @@ use crate::inode::{InodeTable, Node, NodeKey};
 use crate::versions::SeenFiles;
 use crate::{FsConfig, Ino};
 
+mod control;
 mod dirs;
 mod entries;
 mod files;
@@ -92,6 +93,7 @@ mod readahead;
 #[cfg(test)]
 mod tests;
 
+pub use control::{FsControl, ScanProgress};
 use dirs::DirItem;
 use files::OpenFile;
 use listings::Memo;
@@ -183,6 +185,20 @@ impl Inner {
             EntryKind::File => self.inodes.ino_of_file(key, meta.version()),
             EntryKind::Dir | EntryKind::Symlink => self.inodes.ino_of(key),
         }
+    }
+
+    /// The tracks a path of the music view stands for; `None` when `first`
+    /// is not the view (there is no view yet: it comes with the tag scan).
+    fn view_resolve(
+        &self,
+        _first: &std::ffi::OsStr,
+        _rest: &[&std::ffi::OsStr],
+    ) -> Option<Vec<(OriginId, OriginPath)>> {
+        None
+    }
+
+    fn scan_progress(&self) -> ScanProgress {
+        ScanProgress::default()
     }
 
     fn root_attr(&self) -> fuser::FileAttr {

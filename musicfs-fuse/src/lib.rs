@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use musicfs_origins::OriginId;
 
-pub use fs::MusicFs;
+pub use fs::{FsControl, MusicFs, ScanProgress};
 pub use inode::Ino;
 pub use mount::{cleanup_stale_mount, mount, serving_pid, Mounted};
 
